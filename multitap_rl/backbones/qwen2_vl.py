@@ -1,0 +1,206 @@
+"""Qwen2-VL (2B/7B) backbone adapter.
+
+Numerics follow the MULTI-TAP reference (transformers 4.46.1), see DESIGN §3:
+
+* prompt: Qwen chat template; caption task = user "Describe this image." + assistant
+  [image, caption]; instruction task = one assistant turn [question, image, response];
+* image: RGB, resized to 560x560 with PIL bicubic, then the Qwen2-VL image processor;
+* positions: ``arange`` on all three M-RoPE axes (what a plain ``forward()`` did in 4.46.1);
+  ``rope="mrope"`` opts into 3-D M-RoPE for checkpoints trained that way;
+* feature: the final-layer (post-norm) hidden state of the last real token. The language model
+  is run without ``lm_head``; right padding and no attention mask give exactly the causal result
+  for every real token, so we read each row at its own last index.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .base import Backbone, PreparedImage, Segment, Tokenized
+
+__all__ = ["Qwen2VLBackbone"]
+
+logger = logging.getLogger(__name__)
+
+CAPTION_INSTRUCTION = "Describe this image."
+
+
+class Qwen2VLBackbone(Backbone):
+    family = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        image_processor,
+        chat_template: str,
+        *,
+        rope: str = "reference",
+        image_size: int | None = 560,
+        max_length: int | None = 1024,
+    ):
+        super().__init__()
+        if rope not in ("reference", "mrope"):
+            raise ValueError(f"rope must be 'reference' (arange, as MULTI-TAP) or 'mrope', got {rope!r}")
+        self.model = model  # transformers Qwen2VLModel: .visual and .language_model, no lm_head
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+        self.rope = rope
+        self.image_size = image_size
+        self.max_length = max_length
+        cfg = model.config
+        self.hidden_size = cfg.text_config.hidden_size
+        self.image_token_id = cfg.image_token_id
+        self.vision_end_id = cfg.vision_end_token_id
+        self.merge = cfg.vision_config.spatial_merge_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        if self.pad_id == self.image_token_id:
+            raise ValueError("the tokenizer's pad token is the image token")
+
+    # -- construction ----------------------------------------------------------------------------
+    @staticmethod
+    def build_module(config, dtype: torch.dtype):
+        """An uninitialised ``Qwen2VLModel`` (no lm_head); weights are loaded right after."""
+        from transformers import Qwen2VLModel
+
+        return Qwen2VLModel._from_config(config, dtype=dtype)
+
+    @classmethod
+    def remap_state_dict(cls, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Accept the transformers 4.46 (``model.*``, ``visual.*``) and 5.x
+        (``model.language_model.*``, ``model.visual.*``) layouts; drop ``lm_head`` (unused)."""
+        out: dict[str, torch.Tensor] = {}
+        ignored: list[str] = []
+        for key, value in state.items():
+            if key == "lm_head.weight":
+                ignored.append(key)
+                continue
+            new = key
+            if key.startswith("model.language_model."):
+                new = "language_model." + key[len("model.language_model.") :]
+            elif key.startswith("model.visual."):
+                new = "visual." + key[len("model.visual.") :]
+            elif key.startswith("model."):
+                new = "language_model." + key[len("model.") :]
+            if new in out:
+                raise ValueError(f"checkpoint holds both layouts of the same weight: {key!r} -> {new!r}")
+            out[new] = value
+        return out, ignored
+
+    # -- preprocessing ---------------------------------------------------------------------------
+    def resize(self, image: Image.Image) -> Image.Image:
+        if self.image_size is None:
+            return image
+        return image.resize((self.image_size, self.image_size), Image.BICUBIC)
+
+    def prepare_image(self, image: Image.Image) -> PreparedImage:
+        out = self.image_processor(images=[self.resize(image)], return_tensors="pt")
+        grid = out["image_grid_thw"]
+        n_tokens = int(grid.prod()) // self.merge**2
+        return PreparedImage(
+            inputs={"pixel_values": out["pixel_values"], "image_grid_thw": grid},
+            num_tokens=n_tokens,
+            cost=int(out["pixel_values"].shape[0]),
+        )
+
+    def messages(self, text: str, question: str | None) -> list[dict]:
+        if question is None:
+            return [
+                {"role": "user", "content": [{"type": "text", "text": CAPTION_INSTRUCTION}]},
+                {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": text}]},
+            ]
+        return [
+            {
+                "role": "assistant",
+                "content": [{"type": "text", "text": question}, {"type": "image"}, {"type": "text", "text": text}],
+            }
+        ]
+
+    def prompt(self, text: str, question: str | None) -> str:
+        return self.tokenizer.apply_chat_template(
+            self.messages(text, question), chat_template=self.chat_template, tokenize=False
+        )
+
+    def tokenize(self, text: str, question: str | None, image: PreparedImage) -> Tokenized:
+        prompt = self.prompt(text, question)
+        pad = "<|image_pad|>"
+        if prompt.count(pad) != 1:
+            raise ValueError(f"prompt must hold exactly one image placeholder, found {prompt.count(pad)}")
+        prompt = prompt.replace(pad, pad * image.num_tokens)
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ends = [i for i, t in enumerate(ids) if t == self.vision_end_id]
+        if not ends:
+            raise ValueError("tokenized prompt has no <|vision_end|> token: tokenizer does not match the model")
+        prefix_len = ends[-1] + 1
+        truncated = False
+        if self.max_length is not None and len(ids) > self.max_length:
+            # The reference tokenizes with truncation=True, max_length=1024 (right side).
+            if prefix_len >= self.max_length:
+                raise ValueError(
+                    f"prompt of {len(ids)} tokens: the image block alone exceeds max_length={self.max_length}"
+                )
+            ids = ids[: self.max_length]
+            truncated = True
+        return Tokenized(ids=ids, prefix_len=prefix_len, truncated=truncated)
+
+    def positions(self, tokenized: Tokenized, image: PreparedImage) -> torch.Tensor | None:
+        if self.rope == "reference":
+            return None
+        ids = torch.tensor([tokenized.ids])
+        mm = (ids == self.image_token_id).int()
+        pos, _ = self.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=image.inputs["image_grid_thw"])
+        return pos[:, 0]  # (3, L)
+
+    # -- model -----------------------------------------------------------------------------------
+    def encode_images(self, images: list[PreparedImage]) -> list[torch.Tensor]:
+        visual = self.model.visual
+        dev = self.device
+        pixels = torch.cat([im.inputs["pixel_values"] for im in images]).to(dev, visual.dtype)
+        grid = torch.cat([im.inputs["image_grid_thw"] for im in images]).to(dev)
+        merged = visual(pixels, grid_thw=grid).pooler_output  # (sum tokens, H)
+        return list(torch.split(merged, [im.num_tokens for im in images]))
+
+    def forward(self, segment: Segment, cache: Any | None = None, use_cache: bool = False):
+        lm = self.model.language_model
+        dev = self.device
+        ids = segment.ids.to(dev)
+        b, s = ids.shape
+        embeds = lm.embed_tokens(ids)
+        # 1. Put each row's image features on its image tokens (real positions only).
+        real = torch.arange(s, device=dev)[None, :] < segment.lengths.to(dev)[:, None]
+        is_img = (ids == self.image_token_id) & real
+        if bool(is_img.any()):
+            rows = []
+            for r in range(b):
+                n = int(is_img[r].sum())
+                if n == 0:
+                    continue
+                feat = segment.image_features[r]
+                if feat is None or feat.shape[0] != n:
+                    got = None if feat is None else feat.shape[0]
+                    raise ValueError(f"row {r}: {n} image tokens but image features for {got}")
+                rows.append(feat)
+            feats = torch.cat(rows).to(embeds.dtype)
+            embeds = embeds.masked_scatter(is_img[..., None], feats)
+        # 2. Positions: arange from the segment start (reference) or explicit M-RoPE ids.
+        if segment.positions is not None:
+            pos = segment.positions.to(dev)
+        else:
+            pos = (torch.arange(s, device=dev) + segment.start).view(1, 1, s).expand(3, b, s)
+        out = lm(inputs_embeds=embeds, position_ids=pos, past_key_values=cache, use_cache=use_cache)
+        hidden = out.last_hidden_state  # (B, S, H), post-norm
+        last = hidden[torch.arange(b, device=dev), segment.lengths.to(dev) - 1]
+        return last, (out.past_key_values if use_cache else None)
+
+    def select_cache(self, cache: Any, rows: torch.Tensor):
+        from transformers import DynamicCache
+
+        rows = rows.to(self.device)
+        data = [(layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in cache.layers]
+        return DynamicCache(ddp_cache_data=data)

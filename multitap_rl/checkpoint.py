@@ -1,0 +1,174 @@
+"""Locate and read MULTI-TAP checkpoints and base models; load weights strictly.
+
+A checkpoint is a local directory or a hub id. Layouts read:
+
+* released MULTI-TAP: ``model.safetensors.index.json`` + shards (or one ``model.safetensors``)
+  with ``backbone_model.*`` (transformers 4.46 or 5.x key names) and ``reward_head.{weight,bias}``;
+* ours (``multitap_config.json`` beside the weights): the same keys, plus metadata naming the
+  base model, the backbone family and the position scheme.
+
+Nothing here falls back to random weights: a missing or unexpected key is an error listing them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "BACKBONE_PREFIX",
+    "HEAD_PREFIX",
+    "KNOWN_CHECKPOINTS",
+    "CheckpointError",
+    "load_strict",
+    "read_multitap_config",
+    "read_state_dict",
+    "resolve_dir",
+    "split_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKBONE_PREFIX = "backbone_model."
+HEAD_PREFIX = "reward_head."
+MULTITAP_CONFIG = "multitap_config.json"
+
+# Released checkpoints (kaist-cvml/MULTI-TAP README) and the base model each was trained from.
+KNOWN_CHECKPOINTS = {
+    "brl-xfact/Multi-TAP-Qwen2-VL-2B": "Qwen/Qwen2-VL-2B-Instruct",
+    "brl-xfact/Multi-TAP-Qwen2-VL-7B": "Qwen/Qwen2-VL-7B-Instruct",
+    "brl-xfact/Multi-TAP-Llama3.2-11B-Vision": "meta-llama/Llama-3.2-11B-Vision-Instruct",
+}
+
+# Files a base model contributes: config, tokenizer, processor, chat template. Never its weights.
+BASE_MODEL_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+CHECKPOINT_FILES = ["*.json", "*.safetensors"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or base model that cannot be used as asked (missing, mismatched, corrupt)."""
+
+
+def resolve_dir(name_or_path: str | os.PathLike, *, what: str, allow_patterns: list[str],
+                revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a hub id fetched with ``huggingface_hub`` (cache-aware,
+    honours ``HF_HUB_OFFLINE``). Raises ``CheckpointError`` naming ``what`` when neither works."""
+    path = Path(os.fspath(name_or_path)).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{what} {str(path)!r} is a file; pass its directory")
+    name = os.fspath(name_or_path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"{what} {name!r}: no such directory, and not a hub id of the form 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=allow_patterns))
+    except Exception as exc:  # network, auth, offline cache miss: one clear message
+        raise CheckpointError(
+            f"{what} {name!r}: not a local directory and could not be fetched from the hub "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _shards(ckpt_dir: Path) -> list[Path]:
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (ckpt_dir / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{ckpt_dir}: shards named in the index are missing: {missing}")
+        return [ckpt_dir / f for f in files]
+    single = ckpt_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(ckpt_dir.glob("*.bin")) or any(ckpt_dir.glob("*.pt")):
+        raise CheckpointError(
+            f"{ckpt_dir}: only pickle weights (*.bin/*.pt) found; multitap-rl reads safetensors only "
+            "(convert them once in a trusted environment)"
+        )
+    raise CheckpointError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) safetensors checkpoint, on CPU."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for shard in _shards(ckpt_dir):
+        try:
+            part = load_file(str(shard))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{shard}: cannot read safetensors ({exc})") from None
+        dup = state.keys() & part.keys()
+        if dup:
+            raise CheckpointError(f"{shard}: keys repeated across shards: {sorted(dup)[:5]}")
+        state.update(part)
+    return state
+
+
+def read_multitap_config(ckpt_dir: Path) -> dict:
+    path = ckpt_dir / MULTITAP_CONFIG
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def split_checkpoint(state: dict[str, torch.Tensor], where: str) -> tuple[dict, dict]:
+    """(backbone keys without prefix, reward head keys without prefix); other keys are an error."""
+    backbone, head, other = {}, {}, []
+    for key, value in state.items():
+        if key.startswith(BACKBONE_PREFIX):
+            backbone[key[len(BACKBONE_PREFIX) :]] = value
+        elif key.startswith(HEAD_PREFIX):
+            head[key[len(HEAD_PREFIX) :]] = value
+        else:
+            other.append(key)
+    if other:
+        raise CheckpointError(f"{where}: unexpected keys (not backbone_model.* / reward_head.*): {_short(other)}")
+    if not backbone:
+        raise CheckpointError(f"{where}: no backbone_model.* weights; is this a MULTI-TAP checkpoint?")
+    if set(head) != {"weight", "bias"}:
+        raise CheckpointError(f"{where}: reward head must have weight and bias, found {sorted(head)}")
+    return backbone, head
+
+
+def _short(keys: list[str], n: int = 12) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``state`` into ``module``: every parameter/buffer present, no extra key, same shapes.
+
+    Any difference raises one ``CheckpointError`` listing missing keys, unexpected keys and shape
+    mismatches (the last two usually mean the base model is not the one the checkpoint was
+    trained from)."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    bad = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs base model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+        if bad:
+            parts.append(f"shape mismatches ({len(bad)}): " + "; ".join(bad[:6]) + (" ..." if len(bad) > 6 else ""))
+        hint = " (wrong base model?)" if bad or (missing and unexpected) or len(missing) > 1 else ""
+        raise CheckpointError(f"{where} does not fit the base model{hint}: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)

@@ -1,0 +1,1 @@
+"""Subcommands of the ``multitap-rl`` CLI (one module each; see ``multitap_rl.cli``)."""

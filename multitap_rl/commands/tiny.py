@@ -1,0 +1,17 @@
+"""``multitap-rl tiny DIR``: write a tiny random Qwen2-VL base model and MULTI-TAP checkpoint."""
+
+from __future__ import annotations
+
+
+def add_arguments(p) -> None:
+    p.add_argument("dir", help="output directory (DIR/base and DIR/reward are written)")
+    p.add_argument("--seed", type=int, default=0, help="same seed -> same bytes (default 0)")
+    p.add_argument("--size", default="tiny", choices=["tiny", "small"], help="tiny (tests) or small (benchmarks)")
+
+
+def run(args) -> int:
+    from ..testing import build_tiny_multitap
+
+    base, reward = build_tiny_multitap(args.dir, seed=args.seed, size=args.size)
+    print(f"base model: {base}\ncheckpoint: {reward}")
+    return 0

@@ -1,0 +1,230 @@
+"""``MultiTapModel``: a backbone, the stage-1 reward head and (optionally) stage-2 ridge heads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backbones import Backbone, backbone_for
+from .checkpoint import (
+    BASE_MODEL_FILES,
+    CHECKPOINT_FILES,
+    KNOWN_CHECKPOINTS,
+    CheckpointError,
+    load_strict,
+    read_multitap_config,
+    read_state_dict,
+    resolve_dir,
+    split_checkpoint,
+)
+from .scoring import EngineConfig, FeatureEngine
+
+__all__ = ["MultiTapModel", "ScoreOutput", "default_device", "resolve_dtype"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreOutput:
+    """Scores for N samples. ``overall``: (N,) float32 stage-1 score in (0, 1). ``dims``: stage-2
+    dimension name -> (N,) float32 (empty without heads)."""
+
+    overall: torch.Tensor
+    dims: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.overall.shape[0])
+
+    def rows(self) -> list[dict[str, float]]:
+        """One ``{"overall": x, <dim>: y, ...}`` dict per sample."""
+        cols = {"overall": self.overall, **self.dims}
+        return [{k: float(v[i]) for k, v in cols.items()} for i in range(len(self))]
+
+
+def default_device() -> torch.device:
+    """This process's accelerator if there is one (accelerate's local process device), else CPU."""
+    if torch.cuda.is_available():
+        try:
+            from accelerate import PartialState
+
+            return PartialState().device
+        except Exception:  # accelerate not initialised the way we expect: fall back to current GPU
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """``None``/"auto" -> bfloat16 on GPU, float32 elsewhere; strings like "bf16" accepted."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def _chat_template(tokenizer, base_dir: Path) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    for name in ("chat_template.json", "chat_template.jinja"):
+        path = base_dir / name
+        if path.is_file():
+            text = path.read_text()
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    raise CheckpointError(f"base model {base_dir}: no chat template (tokenizer_config or chat_template.json)")
+
+
+class MultiTapModel(nn.Module):
+    """Scores image-text pairs with MULTI-TAP.
+
+    ``score(images, texts, questions=None) -> ScoreOutput``; ``features(...) -> (N, H)``.
+    Build with :meth:`from_pretrained`.
+    """
+
+    def __init__(self, backbone: Backbone, reward_head: nn.Linear, *, heads=None,
+                 engine: EngineConfig | None = None, info: dict | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.reward_head = reward_head
+        self.heads = heads
+        self.engine = FeatureEngine(backbone, engine)
+        self.info = dict(info or {})
+
+    # -- loading -----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint: str | os.PathLike,
+        base_model: str | os.PathLike | None = None,
+        *,
+        heads: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        rope: str | None = None,
+        max_length: int | None = 1024,
+        image_size: int | None = 560,
+        engine: EngineConfig | None = None,
+        revision: str | None = None,
+        trust_legacy_heads: bool = False,
+    ) -> MultiTapModel:
+        """Load a MULTI-TAP checkpoint onto its backbone.
+
+        Args:
+            checkpoint: local directory or hub id of a MULTI-TAP checkpoint (released layout, 4.46
+                or 5.x key names, sharded or single file; or our format).
+            base_model: local directory or hub id of the base LVLM. Only its config, tokenizer,
+                processor and chat template are read (the checkpoint holds every weight).
+                Optional for our format and for the released hub checkpoints.
+            heads: stage-2 ridge heads directory (see ``multitap_rl.heads``).
+            device, dtype: default: this process's GPU in bfloat16, else CPU in float32.
+            rope: "reference" (arange positions, as the released checkpoints were scored) or
+                "mrope"; default from our checkpoint metadata, else "reference".
+            max_length: truncate prompts to this many tokens as the reference does (None: never).
+            image_size: images are resized to ``image_size`` squared (reference: 560).
+            engine: batching options (token budget, image/prefix sharing).
+        """
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+        from transformers.initialization import no_init_weights
+
+        # 1. Locate the checkpoint and the base model.
+        ckpt_dir = resolve_dir(checkpoint, what="checkpoint", allow_patterns=CHECKPOINT_FILES, revision=revision)
+        meta = read_multitap_config(ckpt_dir)
+        base = base_model or meta.get("base_model") or KNOWN_CHECKPOINTS.get(os.fspath(checkpoint))
+        if base is None:
+            raise CheckpointError(
+                f"checkpoint {os.fspath(checkpoint)!r} does not name its base model; pass base_model= "
+                "(e.g. Qwen/Qwen2-VL-2B-Instruct)"
+            )
+        base_dir = resolve_dir(base, what="base model", allow_patterns=BASE_MODEL_FILES)
+        dev = torch.device(device) if device is not None else default_device()
+        dt = resolve_dtype(dtype, dev)
+
+        # 2. Backbone class from the base model's config; weights from the checkpoint, strictly.
+        try:
+            config = AutoConfig.from_pretrained(base_dir)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"base model {base!r}: cannot read config.json ({exc})") from None
+        backbone_cls = backbone_for(config)
+        where = f"checkpoint {os.fspath(checkpoint)!r}"
+        backbone_sd, head_sd = split_checkpoint(read_state_dict(ckpt_dir), where)
+        backbone_sd, ignored = backbone_cls.remap_state_dict(backbone_sd)
+        if ignored:
+            logger.info("ignoring %s (not needed to score)", ", ".join(ignored))
+        with no_init_weights(), torch.device(dev):
+            module = backbone_cls.build_module(config, dtype=dt)
+        load_strict(module, backbone_sd, where)
+        module.eval().requires_grad_(False)
+        del backbone_sd
+
+        # 3. Tokenizer, image processor, chat template from the base model.
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        image_processor = AutoImageProcessor.from_pretrained(base_dir)
+        backbone = backbone_cls(
+            module, tokenizer, image_processor, _chat_template(tokenizer, base_dir),
+            rope=rope or meta.get("rope", "reference"), image_size=image_size, max_length=max_length,
+        )
+
+        # 4. Reward head (float32: the sigmoid sees full-precision logits).
+        hidden = backbone.hidden_size
+        if tuple(head_sd["weight"].shape) != (1, hidden) or tuple(head_sd["bias"].shape) != (1,):
+            raise CheckpointError(
+                f"{where}: reward_head.weight {tuple(head_sd['weight'].shape)} does not fit hidden size {hidden} "
+                "of the base model (wrong base model?)"
+            )
+        head = nn.Linear(hidden, 1, device=dev, dtype=torch.float32)
+        head.load_state_dict({k: v.float() for k, v in head_sd.items()})
+        head.requires_grad_(False)
+
+        info = {"checkpoint": os.fspath(checkpoint), "base_model": os.fspath(base), "family": backbone_cls.family,
+                "checkpoint_dir": str(ckpt_dir)}
+        model = cls(backbone, head, engine=engine, info=info).eval()
+        if heads is not None:
+            model.load_heads(heads, trust_legacy=trust_legacy_heads)
+        return model
+
+    def load_heads(self, path, trust_legacy: bool = False) -> None:
+        raise NotImplementedError("stage-2 heads are not available yet")
+
+    # -- scoring ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.reward_head.weight.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.hidden_size
+
+    def forward(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None) -> torch.Tensor:
+        """Stage-1 score (N,) on the model's device, differentiable when grads are enabled."""
+        h = self.engine.features(images, texts, questions)
+        return self.overall_from_features(h)
+
+    def overall_from_features(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.reward_head(h.to(self.device, torch.float32)).squeeze(-1))
+
+    @torch.inference_mode()
+    def features(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None) -> torch.Tensor:
+        """(N, H) float32 CPU: final-layer hidden state at the last position of each sample."""
+        return self.engine.features(images, texts, questions).cpu()
+
+    @torch.inference_mode()
+    def score(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None) -> ScoreOutput:
+        """Score N samples; ``questions=None`` is the caption task, else the instruction task."""
+        h = self.engine.features(images, texts, questions)
+        return self.score_features(h)
+
+    @torch.inference_mode()
+    def score_features(self, h: torch.Tensor) -> ScoreOutput:
+        overall = self.overall_from_features(h).float().cpu()
+        dims = self.heads.predict(h.float().cpu()) if self.heads is not None else {}
+        return ScoreOutput(overall=overall, dims=dims)

@@ -1,0 +1,350 @@
+"""Tiny offline models and fixtures for tests, examples and demos.
+
+Nothing here touches the network. Every builder is seeded: the same seed gives the same bytes on
+disk, so tests can compare numbers across runs.
+
+``build_tiny_multitap(dir, seed)`` writes two directories:
+
+* ``dir/base`` -- a Qwen2-VL *base model* in the layout of a hub snapshot saved by transformers
+  4.4x: flat ``config.json`` (``rope_scaling`` with ``mrope``), weights with ``model.*`` /
+  ``visual.*`` keys and the tied ``lm_head`` absent, a byte-level BPE tokenizer trained here with
+  the Qwen special tokens, the Qwen2-VL chat template and an image-only processor config.
+* ``dir/reward`` -- a MULTI-TAP checkpoint in the *released* layout: sharded safetensors with an
+  index, ``backbone_model.*`` keys in the 4.46 layout and ``reward_head.{weight,bias}``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "QWEN2_VL_CHAT_TEMPLATE",
+    "QWEN_SPECIAL_TOKENS",
+    "build_tiny_multitap",
+    "build_tiny_qwen2_vl",
+    "make_image",
+    "tiny_qwen2_vl_config",
+]
+
+# The chat template shipped with Qwen/Qwen2-VL-*-Instruct (chat_template.json on the hub).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Same split regex as the Qwen2 tokenizer (a published format fact, needed to mimic its behaviour).
+_QWEN_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+COLORS = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple"]
+SHAPES = ["circle", "square", "triangle", "cross"]
+POSITIONS = ["left", "right", "top", "bottom", "center"]
+_WORDS = (
+    "a an the of in on at with and is are this that image picture photo shows there "
+    "small large big tiny bright dark one two three some shape object background "
+    "describe question answer what where which how many colour color side corner "
+    "dog cat person man woman child tree house car road sky water grass street sign "
+    "sitting standing running holding looking next near under over behind front"
+).split()
+
+
+def _corpus(seed: int, n_lines: int = 3000) -> list[str]:
+    rng = random.Random(seed)
+    vocab = _WORDS + COLORS + SHAPES + POSITIONS
+    lines = []
+    for _ in range(n_lines):
+        words = [rng.choice(vocab) for _ in range(rng.randint(3, 14))]
+        line = " ".join(words)
+        if rng.random() < 0.5:
+            line = line.capitalize() + rng.choice([".", "?", "!", ","])
+        if rng.random() < 0.1:
+            line += f" {rng.randint(0, 999)}"
+        lines.append(line)
+    return lines
+
+
+def _build_tokenizer(seed: int, vocab_size: int = 600):
+    """A byte-level BPE trained here on generated text, with the Qwen pre-tokenizer and specials."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=QWEN_SPECIAL_TOKENS,
+        padding_side="left",
+        model_max_length=32768,
+        clean_up_tokenization_spaces=False,
+    )
+    return fast
+
+
+def tiny_qwen2_vl_config(token_ids: dict[str, int], vocab_size: int, size: str = "tiny") -> dict:
+    """A Qwen2-VL ``config.json`` in the flat layout transformers 4.4x wrote to the hub.
+
+    ``size="tiny"`` is for tests (hidden 64, 2 layers, vision depth 2). ``size="small"`` has
+    realistic proportions for benchmarks (hidden 384, 4 layers, vision depth 4, embed 256).
+    """
+    dims = {
+        "tiny": dict(hidden=64, inter=128, layers=2, heads=4, kv=2, v_depth=2, v_embed=32, v_heads=4),
+        "small": dict(hidden=384, inter=1024, layers=4, heads=6, kv=2, v_depth=4, v_embed=256, v_heads=4),
+    }[size]
+    head_dim = dims["hidden"] // dims["heads"]
+    half = head_dim // 2
+    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # Qwen's 16/24/24 ratio
+    return {
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "attention_dropout": 0.0,
+        "bos_token_id": token_ids["<|endoftext|>"],
+        "eos_token_id": token_ids["<|im_end|>"],
+        "vision_start_token_id": token_ids["<|vision_start|>"],
+        "vision_end_token_id": token_ids["<|vision_end|>"],
+        "vision_token_id": token_ids["<|vision_pad|>"],
+        "image_token_id": token_ids["<|image_pad|>"],
+        "video_token_id": token_ids["<|video_pad|>"],
+        "hidden_act": "silu",
+        "hidden_size": dims["hidden"],
+        "initializer_range": 0.02,
+        "intermediate_size": dims["inter"],
+        "max_position_embeddings": 32768,
+        "max_window_layers": dims["layers"],
+        "model_type": "qwen2_vl",
+        "num_attention_heads": dims["heads"],
+        "num_hidden_layers": dims["layers"],
+        "num_key_value_heads": dims["kv"],
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+        "transformers_version": "4.46.1",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vision_config": {
+            "depth": dims["v_depth"],
+            "embed_dim": dims["v_embed"],
+            "mlp_ratio": 4,
+            "num_heads": dims["v_heads"],
+            "in_chans": 3,
+            "hidden_size": dims["hidden"],
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "spatial_patch_size": 14,
+            "temporal_patch_size": 2,
+        },
+        "rope_scaling": {"type": "mrope", "mrope_section": section},
+        "vocab_size": vocab_size,
+    }
+
+
+_PREPROCESSOR_CONFIG = {
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2VLProcessor",
+}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _write_hub_tokenizer_config(out: Path, tokenizer) -> None:
+    """Replace the transformers-5 tokenizer_config.json with the 4.4x hub form (loads in both)."""
+    for extra in ("chat_template.jinja", "special_tokens_map.json"):
+        (out / extra).unlink(missing_ok=True)
+    added = {
+        str(tokenizer.convert_tokens_to_ids(t)): {
+            "content": t, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": True,
+        }
+        for t in QWEN_SPECIAL_TOKENS
+    }
+    _write_json(out / "tokenizer_config.json", {
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": [t for t in QWEN_SPECIAL_TOKENS if t != "<|endoftext|>"],
+        "bos_token": None,
+        "chat_template": QWEN2_VL_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 32768,
+        "pad_token": "<|endoftext|>",
+        "padding_side": "left",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    })
+
+
+def _legacy_qwen2_vl_state_dict(model) -> dict[str, torch.Tensor]:
+    """transformers-5 ``Qwen2VLForConditionalGeneration`` keys -> the 4.46 layout, tied lm_head dropped."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        if key.startswith("model.visual."):
+            key = key[len("model.") :]
+        elif key.startswith("model.language_model."):
+            key = "model." + key[len("model.language_model.") :]
+        out[key] = value.detach().clone().contiguous()
+    return out
+
+
+def _save_sharded(state: dict[str, torch.Tensor], out_dir: Path, n_shards: int) -> None:
+    from safetensors.torch import save_file
+
+    keys = sorted(state)
+    per = -(-len(keys) // n_shards)
+    weight_map = {}
+    total = 0
+    for i in range(n_shards):
+        chunk = keys[i * per : (i + 1) * per]
+        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file({k: state[k] for k in chunk}, str(out_dir / name), metadata={"format": "pt"})
+        for k in chunk:
+            weight_map[k] = name
+            total += state[k].numel() * state[k].element_size()
+    _write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """Write a random Qwen2-VL base model (hub 4.4x snapshot layout) to ``out_dir``; return it."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 1. Tokenizer, trained locally, plus the chat template.
+    tokenizer = _build_tokenizer(seed)
+    tokenizer.save_pretrained(out)
+    _write_hub_tokenizer_config(out, tokenizer)
+    _write_json(out / "chat_template.json", {"chat_template": QWEN2_VL_CHAT_TEMPLATE})
+    _write_json(out / "preprocessor_config.json", _PREPROCESSOR_CONFIG)
+
+    # 2. Config in the 4.4x flat layout; vocab padded to a multiple of 64 as Qwen does.
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    vocab = -(-len(tokenizer) // 64) * 64
+    cfg = tiny_qwen2_vl_config(ids, vocab, size=size)
+    _write_json(out / "config.json", cfg)
+    _write_json(
+        out / "generation_config.json",
+        {"bos_token_id": cfg["bos_token_id"], "eos_token_id": [cfg["eos_token_id"], cfg["bos_token_id"]],
+         "pad_token_id": cfg["bos_token_id"], "do_sample": True, "temperature": 1.0, "top_k": 1,
+         "top_p": 0.001, "transformers_version": "4.46.1"},
+    )
+
+    # 3. Random weights, seeded, saved with the 4.46 key names.
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_pretrained(out)).float()
+    _save_sharded(_legacy_qwen2_vl_state_dict(model), out, n_shards=1)
+    return out
+
+
+def build_tiny_multitap(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> tuple[Path, Path]:
+    """Write ``out_dir/base`` (base model) and ``out_dir/reward`` (released-layout checkpoint).
+
+    The reward checkpoint's backbone is the base model's weights perturbed by seeded noise (a
+    fine-tuned model differs from its base), so a loader that silently kept base weights fails
+    the fidelity tests.
+    """
+    from safetensors.torch import load_file
+
+    out = Path(out_dir)
+    base = build_tiny_qwen2_vl(out / "base", seed=seed, size=size)
+    reward = out / "reward"
+    reward.mkdir(parents=True, exist_ok=True)
+
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        state.update(load_file(str(base / shard)))
+    gen = torch.Generator().manual_seed(seed + 1)
+    ckpt = {}
+    for key in sorted(state):
+        value = state[key]
+        noise = torch.randn(value.shape, generator=gen, dtype=torch.float32) * 0.01
+        ckpt[f"backbone_model.{key}"] = (value.float() + noise).to(value.dtype).contiguous()
+    hidden = json.loads((base / "config.json").read_text())["hidden_size"]
+    ckpt["reward_head.weight"] = torch.randn(1, hidden, generator=gen) / (hidden + 1) ** 0.5 * 4.0
+    ckpt["reward_head.bias"] = torch.zeros(1)
+    _save_sharded(ckpt, reward, n_shards=2)
+    _write_json(reward / "config.json", {"architectures": ["VLMRewardModel"], "torch_dtype": "float32",
+                                         "transformers_version": "4.46.1"})
+    return base, reward
+
+
+def make_image(seed: int = 0, size: tuple[int, int] = (64, 48)):
+    """A deterministic RGB PIL image: a coloured background with a shape (different per seed)."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    w, h = size
+    bg = tuple(rng.randint(0, 255) for _ in range(3))
+    img = Image.new("RGB", (w, h), bg)
+    draw = ImageDraw.Draw(img)
+    fg = tuple(rng.randint(0, 255) for _ in range(3))
+    x0, y0 = rng.randint(0, w // 2), rng.randint(0, h // 2)
+    draw.ellipse([x0, y0, x0 + w // 3, y0 + h // 3], fill=fg)
+    for _ in range(20):  # a little texture so patches differ
+        x, y = rng.randint(0, w - 1), rng.randint(0, h - 1)
+        img.putpixel((x, y), tuple(rng.randint(0, 255) for _ in range(3)))
+    return img

@@ -1,0 +1,35 @@
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """(base_dir, reward_dir) of the seeded tiny Qwen2-VL MULTI-TAP model."""
+    from multitap_rl.testing import build_tiny_multitap
+
+    return build_tiny_multitap(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dirs):
+    from multitap_rl import MultiTapModel
+
+    base, reward = tiny_dirs
+    return MultiTapModel.from_pretrained(reward, base_model=base, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def images():
+    from multitap_rl.testing import make_image
+
+    return [make_image(i, size=(64 + 8 * i, 48 + 4 * i)) for i in range(4)]

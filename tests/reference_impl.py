@@ -1,0 +1,70 @@
+"""A test-local re-implementation of the MULTI-TAP reference forward (kaist-cvml/MULTI-TAP,
+``prepare_input`` + ``VLMRewardModel.forward`` under transformers 4.46.1), on transformers 5:
+
+one sample at a time; prompt padded (left) to max_length 1024 with truncation; the *full*
+``Qwen2VLForConditionalGeneration`` with logits; arange position ids on all three axes (what
+4.46.1's plain forward used); ``hidden_states[-1][:, -1]``; ``sigmoid(reward_head(h))``.
+
+It loads the backbone through transformers' own handling of the 4.46 key layout, independent of
+``multitap_rl.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MAX_LENGTH = 1024
+
+
+class ReferenceScorer:
+    def __init__(self, base_dir: Path, reward_dir: Path, workdir: Path):
+        from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
+
+        index = json.loads((reward_dir / "model.safetensors.index.json").read_text())
+        state = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            state.update(load_file(str(reward_dir / shard)))
+        backbone = {k[len("backbone_model."):]: v for k, v in state.items() if k.startswith("backbone_model.")}
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(base_dir / "config.json", workdir / "config.json")
+        save_file(backbone, str(workdir / "model.safetensors"), metadata={"format": "pt"})
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(workdir, dtype=torch.float32).eval()
+        self.head = torch.nn.Linear(self.model.config.text_config.hidden_size, 1)
+        self.head.load_state_dict({"weight": state["reward_head.weight"], "bias": state["reward_head.bias"]})
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        self.image_processor = AutoImageProcessor.from_pretrained(base_dir)
+
+    def inputs(self, image, text, question=None):
+        if question is not None:
+            messages = [{"role": "assistant", "content": [{"type": "text", "text": question},
+                                                          {"type": "image"}, {"type": "text", "text": text}]}]
+        else:
+            messages = [{"role": "user", "content": [{"type": "text", "text": "Describe this image."}]},
+                        {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        image = image.convert("RGB").resize((560, 560))
+        pix = self.image_processor(images=image, return_tensors="pt")
+        n_tokens = int(pix["image_grid_thw"].prod()) // 4  # what Qwen2VLProcessor inserts
+        prompt = prompt.replace("<|image_pad|>", "<|image_pad|>" * n_tokens)
+        enc = self.tokenizer(prompt, return_tensors="pt", padding="max_length", max_length=MAX_LENGTH,
+                             truncation=True)
+        assert self.tokenizer.padding_side == "left"
+        return {**enc, **pix}
+
+    @torch.no_grad()
+    def hidden(self, image, text, question=None) -> torch.Tensor:
+        inputs = self.inputs(image, text, question)
+        length = inputs["input_ids"].shape[1]
+        pos = torch.arange(length).view(1, 1, -1).expand(3, 1, -1)
+        out = self.model(**inputs, position_ids=pos, output_hidden_states=True, return_dict=True)
+        last = out.hidden_states[-1] + 0.0 * torch.mean(out.logits)
+        return last[:, -1, :]
+
+    @torch.no_grad()
+    def score(self, image, text, question=None) -> float:
+        return float(torch.sigmoid(self.head(self.hidden(image, text, question))).squeeze())
