@@ -16,6 +16,7 @@ __all__ = ["COMMANDS", "main"]
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("multitap_rl.commands.demo", "score and rerank captions end to end (tiny offline models by default)"),
+    "rerank": ("multitap_rl.commands.rerank", "rank candidate captions for an image (best-of-N)"),
     "score": ("multitap_rl.commands.score", "score image-text pairs with a MULTI-TAP checkpoint"),
     "tiny": ("multitap_rl.commands.tiny", "write a tiny random base model + MULTI-TAP checkpoint (offline)"),
 }

@@ -204,6 +204,11 @@ class MultiTapModel(nn.Module):
     def hidden_size(self) -> int:
         return self.backbone.hidden_size
 
+    @property
+    def dimension_names(self) -> tuple[str, ...]:
+        """``("overall", *head dimensions)``: the names weights and rewards may use."""
+        return ("overall", *(self.heads.names if self.heads is not None else ()))
+
     def forward(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None) -> torch.Tensor:
         """Stage-1 score (N,) on the model's device, differentiable when grads are enabled."""
         h = self.engine.features(images, texts, questions)

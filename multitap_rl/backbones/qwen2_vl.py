@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers import Qwen2VLProcessor
+from transformers.processing_utils import ProcessorMixin
 
 from .base import Backbone, PreparedImage, Segment, Tokenized
 
-__all__ = ["Qwen2VLBackbone"]
+__all__ = ["ImageOnlyQwen2VLProcessor", "Qwen2VLBackbone", "image_only_processor"]
 
 logger = logging.getLogger(__name__)
 
@@ -204,3 +206,29 @@ class Qwen2VLBackbone(Backbone):
         rows = rows.to(self.device)
         data = [(layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in cache.layers]
         return DynamicCache(ddp_cache_data=data)
+
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """``Qwen2VLProcessor`` without the video processor (which needs torchvision).
+
+    Captioning needs only the tokenizer and the image processor; text and pixel inputs are
+    identical to the full processor's. Used as TRL's ``processing_class`` for Qwen2-VL policies.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def image_only_processor(base_model) -> ImageOnlyQwen2VLProcessor:
+    """The :class:`ImageOnlyQwen2VLProcessor` of a Qwen2-VL model (local directory or hub id)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    image_processor = AutoImageProcessor.from_pretrained(base_model)
+    return ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                     chat_template=tokenizer.chat_template)

@@ -1,0 +1,137 @@
+"""Fine-tune a Qwen2-VL captioner with TRL's GRPOTrainer (or RLOOTrainer) against MULTI-TAP.
+
+Real models (needs the hub and a GPU; the reward model is co-located with the policy, loaded once
+per process on that process's GPU in bf16):
+
+    accelerate launch examples/grpo_captioner.py \
+        --policy Qwen/Qwen2-VL-2B-Instruct \
+        --checkpoint brl-xfact/Multi-TAP-Qwen2-VL-2B --base-model Qwen/Qwen2-VL-2B-Instruct \
+        --heads path/to/heads --weights "overall=1,clarity=0.5" --dataset my_images_dir
+
+Offline smoke run on tiny random models (CPU, a minute or two):
+
+    OMP_NUM_THREADS=1 python examples/grpo_captioner.py --tiny --max-steps 2
+
+``--dataset``: a directory of images, a ``datasets.load_from_disk`` directory, or a hub dataset id,
+with an ``image`` column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("grpo_captioner")
+
+PROMPT = "Describe this image."
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="offline: tiny random policy, reward model and images")
+    p.add_argument("--trainer", choices=["grpo", "rloo"], default="grpo")
+    p.add_argument("--policy", default="Qwen/Qwen2-VL-2B-Instruct", help="policy VLM (hub id or directory)")
+    p.add_argument("--checkpoint", default="brl-xfact/Multi-TAP-Qwen2-VL-2B", help="MULTI-TAP checkpoint")
+    p.add_argument("--base-model", default=None, help="base model of --checkpoint (default: known or --policy)")
+    p.add_argument("--heads", default=None, help="stage-2 heads directory (for dimension weights)")
+    p.add_argument("--weights", default=None, help='e.g. "overall=1,clarity=0.5" or a preset name')
+    p.add_argument("--objectives", action="store_true",
+                   help="one reward per dimension (TRL reward_weights) instead of one weighted reward")
+    p.add_argument("--dataset", default=None, help="images: a folder, a load_from_disk dir or a hub id")
+    p.add_argument("--num-images", type=int, default=8, help="--tiny: generated images")
+    p.add_argument("--num-generations", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="per-device prompts x generations per step")
+    p.add_argument("--max-completion-length", type=int, default=32)
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--learning-rate", type=float, default=1e-5)
+    p.add_argument("--offload-reward", action="store_true", help="keep the reward model on CPU between calls")
+    p.add_argument("--output-dir", default=None)
+    return p.parse_args(argv)
+
+
+def _dataset(args, workdir: Path):
+    from datasets import Dataset, load_dataset, load_from_disk
+
+    if args.dataset is None:
+        if not args.tiny:
+            raise ValueError("pass --dataset (a folder of images, a load_from_disk dir or a hub id), or --tiny")
+        from multitap_rl.testing import make_image
+
+        ds = Dataset.from_list([{"image": make_image(i, size=(56, 56))} for i in range(args.num_images)])
+    elif Path(args.dataset).is_dir() and (Path(args.dataset) / "dataset_info.json").exists():
+        ds = load_from_disk(args.dataset)
+    elif Path(args.dataset).is_dir():
+        ds = load_dataset("imagefolder", data_dir=args.dataset, split="train")
+    else:
+        ds = load_dataset(args.dataset, split="train")
+    if "image" not in ds.column_names:
+        raise ValueError(f"dataset {args.dataset!r} has no 'image' column (columns: {ds.column_names})")
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    return ds.map(lambda _: {"prompt": prompt})
+
+
+def build(args, reward_funcs=None, workdir: str | None = None):
+    """(trainer, reward_funcs). ``reward_funcs`` overrides the MULTI-TAP reward (tests wrap it)."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from multitap_rl.backbones.qwen2_vl import image_only_processor
+    from reward_fns import multitap_objective_rewards, multitap_reward
+
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="grpo-captioner-"))
+    if args.tiny:
+        from multitap_rl.testing import build_tiny_multitap
+
+        base, ckpt = build_tiny_multitap(workdir / "tiny", seed=0)
+        args.policy, args.checkpoint, args.base_model = str(base), str(ckpt), str(base)
+    on_gpu = torch.cuda.is_available()
+
+    # 1. The reward: lazily loaded once per process on this process's device.
+    if reward_funcs is None:
+        common = dict(base_model=args.base_model, heads=args.heads, offload=args.offload_reward)
+        if args.objectives:
+            reward_funcs = multitap_objective_rewards(args.checkpoint, **common)
+        else:
+            reward_funcs = multitap_reward(args.checkpoint, weights=args.weights, **common)
+
+    # 2. The policy and an image-only processor (no torchvision needed).
+    policy = Qwen2VLForConditionalGeneration.from_pretrained(
+        args.policy, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    processor = image_only_processor(args.policy)
+    dataset = _dataset(args, workdir)
+
+    common_cfg = dict(
+        output_dir=args.output_dir or str(workdir / "out"), per_device_train_batch_size=args.batch_size,
+        num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+        max_steps=args.max_steps, learning_rate=args.learning_rate, logging_steps=1, report_to=[],
+        save_strategy="no", bf16=on_gpu, use_cpu=not on_gpu, seed=0,
+    )
+    if args.trainer == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        cfg, trainer_cls = GRPOConfig(**common_cfg), GRPOTrainer
+    else:
+        from trl import RLOOConfig, RLOOTrainer
+
+        cfg, trainer_cls = RLOOConfig(**common_cfg), RLOOTrainer
+    trainer = trainer_cls(model=policy, reward_funcs=reward_funcs, args=cfg, train_dataset=dataset,
+                          processing_class=processor)
+    return trainer, reward_funcs
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO)
+    args = parse_args(argv)
+    if args.tiny:
+        import torch
+
+        torch.manual_seed(0)
+    trainer, _ = build(args)
+    trainer.train()
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

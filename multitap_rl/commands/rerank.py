@@ -1,0 +1,49 @@
+"""``multitap-rl rerank``: rank candidate captions (or responses) for an image, best first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ._common import add_model_arguments
+
+
+def add_arguments(p) -> None:
+    add_model_arguments(p)
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--candidates", required=True, help="text file, one candidate per line (blank lines skipped)")
+    p.add_argument("--question", default=None, help="instruction task: the question the candidates answer")
+    p.add_argument("--weights", default=None, help='e.g. "overall=1,safety=2" or a preset name (default overall=1)')
+    p.add_argument("--normalize", default="none", choices=["none", "fixed"])
+    p.add_argument("--gate", action="append", default=[], help='e.g. "safety<0.5:cap=0" (repeatable)')
+    p.add_argument("--top-k", type=int, default=None, help="print only the best K")
+    p.add_argument("--json", action="store_true", help="one JSON object per candidate instead of a table")
+
+
+def run(args) -> int:
+    from reward_fns.best_of_n import rerank
+
+    from ._common import load_model
+
+    path = Path(args.candidates)
+    if not path.is_file():
+        raise ValueError(f"candidates file not found: {path}")
+    candidates = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not candidates:
+        raise ValueError(f"{path}: no candidates")
+    if not Path(args.image).is_file():
+        raise ValueError(f"image file not found: {args.image}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError("--top-k must be >= 1")
+    model = load_model(args)
+    ranked = rerank([args.image], [candidates], args.weights, model=model,
+                    questions=None if args.question is None else [args.question],
+                    normalize=args.normalize, gates=args.gate)[0]
+    for rank, cand in enumerate(ranked[: args.top_k], start=1):
+        if args.json:
+            print(json.dumps({"rank": rank, "index": cand.index, "text": cand.text, "reward": cand.reward,
+                              **cand.dims}))
+        else:
+            dims = "  ".join(f"{k}={v:.4f}" for k, v in cand.dims.items())
+            print(f"{rank:>3}. {cand.reward:+.4f}  {cand.text}   [{dims}]")
+    return 0

@@ -1,0 +1,153 @@
+"""Contract tests for the TRL reward adapters, and real GRPO/RLOO steps on tiny models."""
+
+import inspect
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reward_fns import multitap_objective_rewards, multitap_reward
+from reward_fns import _shared
+
+PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+
+
+def _batch(images, g=2):
+    imgs = [images[i // g] for i in range(2 * g)]
+    completions = [[{"role": "assistant", "content": t}] for t in
+                   ["A red circle.", "Two dogs on the grass.", "A tree.", "A blue square at the top."][: 2 * g]]
+    return [PROMPT] * len(imgs), completions, imgs
+
+
+@pytest.fixture()
+def reward(tiny_dirs):
+    base, reward_dir = tiny_dirs
+    return multitap_reward(reward_dir, base_model=base, device="cpu")
+
+
+def test_contract(reward, tiny_model, images):
+    sig = inspect.signature(reward.__call__)
+    assert list(sig.parameters)[:2] == ["prompts", "completions"]
+    assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    assert reward.__name__ == "multitap"
+    prompts, completions, imgs = _batch(images)
+    out = reward(prompts=prompts, completions=completions, image=imgs)
+    assert isinstance(out, list) and len(out) == len(completions) and all(isinstance(x, float) for x in out)
+    texts = [c[0]["content"] for c in completions]
+    expected = tiny_model.score(imgs, texts).overall
+    assert torch.allclose(torch.tensor(out), expected, atol=1e-6)
+
+
+def test_pickle_round_trip_reloads_in_a_fresh_process_state(reward, images):
+    prompts, completions, imgs = _batch(images)
+    before = reward(prompts=prompts, completions=completions, image=imgs)
+    blob = pickle.dumps(reward)
+    assert len(blob) < 10_000  # the model does not travel with the callable
+    _shared._SCORERS.clear()  # as in a new process: the model must be reloaded from the spec
+    clone = pickle.loads(blob)
+    assert clone.__name__ == "multitap"
+    assert clone(prompts=prompts, completions=completions, image=imgs) == pytest.approx(before, abs=1e-6)
+
+
+def test_none_for_missing_images_and_empty_completions(tiny_dirs, images):
+    base, reward_dir = tiny_dirs
+    r = multitap_reward(reward_dir, base_model=base, device="cpu", empty_reward=-1.0)
+    prompts = [PROMPT] * 4
+    completions = ["A red circle.", "A tree.", "   ", "Dogs."]
+    out = r(prompts=prompts, completions=completions, image=[images[0], None, images[1], images[2]])
+    assert len(out) == 4
+    assert out[1] is None and out[2] == -1.0 and isinstance(out[0], float) and isinstance(out[3], float)
+    assert r(prompts=prompts[:1], completions=["x"], image=[None]) == [None]
+
+
+def test_images_column_and_string_completions(reward, tiny_model, images):
+    prompts = ["Describe this image."] * 3
+    out = reward(prompts=prompts, completions=["A.", "B b.", "C."], images=[[images[0]], [images[1]], []])
+    assert out[2] is None
+    expected = tiny_model.score(images[:2], ["A.", "B b."]).overall
+    assert torch.allclose(torch.tensor(out[:2]), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="sample 0: 2 images"):
+        reward(prompts=prompts[:1], completions=["A."], images=[[images[0], images[1]]])
+    with pytest.raises(ValueError, match="no images reached the MULTI-TAP reward"):
+        reward(prompts=prompts[:1], completions=["A."])
+
+
+def test_instruction_task_takes_the_question_from_the_prompt(tiny_dirs, tiny_model, images):
+    base, reward_dir = tiny_dirs
+    r = multitap_reward(reward_dir, base_model=base, device="cpu", task="instruction")
+    prompt = [{"role": "system", "content": "Be brief."},
+              {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
+    out = r(prompts=[prompt], completions=[[{"role": "assistant", "content": "Red."}]], image=[images[0]])
+    expected = tiny_model.score(images[:1], ["Red."], ["What colour is it?"]).overall
+    assert out[0] == pytest.approx(float(expected[0]), abs=1e-6)
+
+
+def test_unknown_weights_rejected_at_construction(tiny_dirs):
+    base, reward_dir = tiny_dirs
+    with pytest.raises(ValueError, match=r"unknown dimension\(s\) \['safety'\].*valid names: \['overall'\]"):
+        multitap_reward(reward_dir, base_model=base, weights="safety=1")
+    with pytest.raises(ValueError, match="unknown dimension"):
+        multitap_objective_rewards(reward_dir, base_model=base, dims=["clarity"])
+
+
+def test_log_metric_gets_every_dimension(reward, images):
+    logged = {}
+    prompts, completions, imgs = _batch(images)
+    out = reward(prompts=prompts, completions=completions, image=imgs,
+                 log_metric=lambda k, v: logged.__setitem__(k, v))
+    assert logged["multitap/overall"] == pytest.approx(sum(out) / len(out), abs=1e-6)
+
+
+def test_objective_rewards_share_one_forward(tiny_dirs, tiny_model, images):
+    funcs = multitap_objective_rewards(tiny_model, dims=["overall"])
+    twin = multitap_objective_rewards(tiny_model)
+    assert [f.__name__ for f in funcs] == ["multitap_overall"] == [f.__name__ for f in twin]
+    calls = []
+    original = tiny_model.score
+    tiny_model.score = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        prompts, completions, imgs = _batch(images)
+        a = funcs[0](prompts=prompts, completions=completions, image=imgs)
+        b = twin[0](prompts=prompts, completions=completions, image=imgs)
+    finally:
+        del tiny_model.score
+    assert a == b and len(calls) == 1
+
+
+def _policy_params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("trainer, steps", [("grpo", 2), ("rloo", 1)])
+def test_real_trainer_steps(tmp_path, trainer, steps):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import grpo_captioner
+
+    seen = []
+
+    args = grpo_captioner.parse_args(["--tiny", "--trainer", trainer, "--max-steps", str(steps),
+                                      "--num-generations", "2", "--batch-size", "4",
+                                      "--max-completion-length", "6", "--learning-rate", "1e-2",
+                                      "--output-dir", str(tmp_path / "out")])
+    torch.manual_seed(0)
+    _, reward = grpo_captioner.build(args, workdir=str(tmp_path))
+
+    def recording(prompts, completions, **kwargs):
+        seen.append(kwargs.get("image"))
+        return reward(prompts, completions, **kwargs)
+
+    recording.__name__ = reward.__name__
+    trainer_obj, _ = grpo_captioner.build(args, reward_funcs=recording, workdir=str(tmp_path))
+    before = _policy_params(trainer_obj.model)
+    trainer_obj.train()
+    assert len(seen) == steps
+    from PIL import Image
+
+    assert all(len(batch) == 4 and all(isinstance(im, Image.Image) for im in batch) for batch in seen)
+    after = _policy_params(trainer_obj.model)
+    assert any(not torch.equal(before[n], after[n]) for n in before), "policy parameters did not change"
+    logged = [h for h in trainer_obj.state.log_history if "reward" in h]
+    assert logged and all("rewards/multitap/mean" in h for h in logged)
