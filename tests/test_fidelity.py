@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from multitap_rl import EngineConfig, MultiTapModel
-from reference_impl import ReferenceScorer
+from multitap_rl.testing import ReferenceScorer
 
 CAPTIONS = [
     "Dog.",

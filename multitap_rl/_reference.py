@@ -1,12 +1,13 @@
-"""A test-local re-implementation of the MULTI-TAP reference forward (kaist-cvml/MULTI-TAP,
+"""A re-implementation of the MULTI-TAP reference forward (kaist-cvml/MULTI-TAP,
 ``prepare_input`` + ``VLMRewardModel.forward`` under transformers 4.46.1), on transformers 5:
 
 one sample at a time; prompt padded (left) to max_length 1024 with truncation; the *full*
 ``Qwen2VLForConditionalGeneration`` with logits; arange position ids on all three axes (what
 4.46.1's plain forward used); ``hidden_states[-1][:, -1]``; ``sigmoid(reward_head(h))``.
 
-It loads the backbone through transformers' own handling of the 4.46 key layout, independent of
-``multitap_rl.checkpoint``.
+It loads the backbone through transformers' own handling of the 4.46 key layout and uses neither
+``multitap_rl.checkpoint`` nor the scoring engine: tests compare the engine against it, and
+``benchmarks/`` use it as the baseline. Exported as ``multitap_rl.testing.ReferenceScorer``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+__all__ = ["MAX_LENGTH", "ReferenceScorer"]
+
 MAX_LENGTH = 1024
 
 
@@ -25,6 +28,7 @@ class ReferenceScorer:
     def __init__(self, base_dir: Path, reward_dir: Path, workdir: Path):
         from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
 
+        base_dir, reward_dir, workdir = Path(base_dir), Path(reward_dir), Path(workdir)
         index = json.loads((reward_dir / "model.safetensors.index.json").read_text())
         state = {}
         for shard in sorted(set(index["weight_map"].values())):
