@@ -41,6 +41,7 @@ class SharedScorer:
     def __init__(self, spec: ScorerSpec, model=None):
         self.spec = spec
         self._model = model
+        self._home = None if model is None else model.device  # where the model computes
         self._lock = threading.Lock()
         self._cache_key: tuple | None = None
         self._cache_refs: tuple | None = None
@@ -110,7 +111,7 @@ def get_scorer(spec: ScorerSpec, model=None) -> SharedScorer:
         if scorer is None:
             scorer = _SCORERS[spec] = SharedScorer(spec, model)
         elif model is not None and scorer._model is None:
-            scorer._model = model
+            scorer._model, scorer._home = model, model.device
         return scorer
 
 

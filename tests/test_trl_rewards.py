@@ -151,3 +151,40 @@ def test_real_trainer_steps(tmp_path, trainer, steps):
     assert any(not torch.equal(before[n], after[n]) for n in before), "policy parameters did not change"
     logged = [h for h in trainer_obj.state.log_history if "reward" in h]
     assert logged and all("rewards/multitap/mean" in h for h in logged)
+
+
+def test_offload_moves_the_model_between_calls(images):
+    """offload=True: the model lives on CPU between calls and on its device during one."""
+    from reward_fns._shared import ScorerSpec, SharedScorer
+
+    class FakeModel:
+        def __init__(self):
+            self.device = torch.device("cuda", 0)  # pretend home device
+            self.moves = []
+
+        def to(self, device):
+            self.moves.append(str(device))
+            self.device = torch.device(device)
+            return self
+
+        def score(self, imgs, texts, questions=None):
+            from multitap_rl.model import ScoreOutput
+
+            self.moves.append(f"score on {self.device}")
+            return ScoreOutput(overall=torch.zeros(len(texts)))
+
+    fake = FakeModel()
+    scorer = SharedScorer(ScorerSpec("fake", offload=True), model=fake)
+    scorer.score([images[0]], ["a"])
+    scorer.score([images[0]], ["b"])
+    assert fake.moves == ["score on cuda:0", "cpu", "cuda:0", "score on cuda:0", "cpu"]
+
+
+def test_default_dtype_is_bf16_on_gpu_fp32_on_cpu():
+    from multitap_rl.model import resolve_dtype
+
+    assert resolve_dtype(None, torch.device("cuda", 0)) == torch.bfloat16
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int8", torch.device("cpu"))
