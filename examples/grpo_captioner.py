@@ -25,9 +25,6 @@ from pathlib import Path
 
 logger = logging.getLogger("grpo_captioner")
 
-PROMPT = "Describe this image."
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="offline: tiny random policy, reward model and images")
@@ -51,34 +48,31 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _dataset(args, workdir: Path):
-    from datasets import Dataset, load_dataset, load_from_disk
+def _dataset(args):
+    from datasets import load_dataset, load_from_disk
+
+    from reward_fns.captioner import captioning_dataset
 
     if args.dataset is None:
         if not args.tiny:
             raise ValueError("pass --dataset (a folder of images, a load_from_disk dir or a hub id), or --tiny")
         from multitap_rl.testing import make_image
 
-        ds = Dataset.from_list([{"image": make_image(i, size=(56, 56))} for i in range(args.num_images)])
-    elif Path(args.dataset).is_dir() and (Path(args.dataset) / "dataset_info.json").exists():
+        return captioning_dataset([make_image(i, size=(56, 56)) for i in range(args.num_images)])
+    path = Path(args.dataset)
+    if path.is_dir() and (path / "dataset_info.json").exists():
         ds = load_from_disk(args.dataset)
-    elif Path(args.dataset).is_dir():
+    elif path.is_dir():
         ds = load_dataset("imagefolder", data_dir=args.dataset, split="train")
     else:
         ds = load_dataset(args.dataset, split="train")
-    if "image" not in ds.column_names:
-        raise ValueError(f"dataset {args.dataset!r} has no 'image' column (columns: {ds.column_names})")
-    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
-    return ds.map(lambda _: {"prompt": prompt})
+    return captioning_dataset(ds)
 
 
 def build(args, reward_funcs=None, workdir: str | None = None):
     """(trainer, reward_funcs). ``reward_funcs`` overrides the MULTI-TAP reward (tests wrap it)."""
-    import torch
-    from transformers import Qwen2VLForConditionalGeneration
-
-    from multitap_rl.backbones.qwen2_vl import image_only_processor
     from reward_fns import multitap_objective_rewards, multitap_reward
+    from reward_fns.captioner import build_captioner_trainer
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="grpo-captioner-"))
     if args.tiny:
@@ -86,38 +80,20 @@ def build(args, reward_funcs=None, workdir: str | None = None):
 
         base, ckpt = build_tiny_multitap(workdir / "tiny", seed=0)
         args.policy, args.checkpoint, args.base_model = str(base), str(ckpt), str(base)
-    on_gpu = torch.cuda.is_available()
 
-    # 1. The reward: lazily loaded once per process on this process's device.
+    # The reward: lazily loaded once per process on this process's device (bf16 on GPU).
     if reward_funcs is None:
         common = dict(base_model=args.base_model, heads=args.heads, offload=args.offload_reward)
         if args.objectives:
             reward_funcs = multitap_objective_rewards(args.checkpoint, **common)
         else:
             reward_funcs = multitap_reward(args.checkpoint, weights=args.weights, **common)
-
-    # 2. The policy and an image-only processor (no torchvision needed).
-    policy = Qwen2VLForConditionalGeneration.from_pretrained(
-        args.policy, dtype=torch.bfloat16 if on_gpu else torch.float32)
-    processor = image_only_processor(args.policy)
-    dataset = _dataset(args, workdir)
-
-    common_cfg = dict(
-        output_dir=args.output_dir or str(workdir / "out"), per_device_train_batch_size=args.batch_size,
-        num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-        max_steps=args.max_steps, learning_rate=args.learning_rate, logging_steps=1, report_to=[],
-        save_strategy="no", bf16=on_gpu, use_cpu=not on_gpu, seed=0,
+    trainer = build_captioner_trainer(
+        args.policy, reward_funcs, _dataset(args), trainer=args.trainer,
+        output_dir=args.output_dir or str(workdir / "out"), num_generations=args.num_generations,
+        batch_size=args.batch_size, max_completion_length=args.max_completion_length, max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
     )
-    if args.trainer == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
-
-        cfg, trainer_cls = GRPOConfig(**common_cfg), GRPOTrainer
-    else:
-        from trl import RLOOConfig, RLOOTrainer
-
-        cfg, trainer_cls = RLOOConfig(**common_cfg), RLOOTrainer
-    trainer = trainer_cls(model=policy, reward_funcs=reward_funcs, args=cfg, train_dataset=dataset,
-                          processing_class=processor)
     return trainer, reward_funcs
 
 

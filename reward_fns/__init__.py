@@ -3,6 +3,7 @@
 * :func:`multitap_reward`, :func:`multitap_objective_rewards` -- TRL ``GRPOTrainer``/``RLOOTrainer``
 * :func:`rerank` -- best-of-N reranking
 * :class:`MultiTapScorer` -- PPO-style loops over decoded samples
+* :func:`build_captioner_trainer`, :func:`captioning_dataset` -- a GRPO/RLOO captioner trainer
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import importlib
 __all__ = [
     "MultiTapScorer",
     "RankedCandidate",
+    "build_captioner_trainer",
+    "captioning_dataset",
     "multitap_objective_rewards",
     "multitap_reward",
     "rerank",
@@ -23,6 +26,8 @@ _LAZY = {
     "rerank": ".best_of_n",
     "RankedCandidate": ".best_of_n",
     "MultiTapScorer": ".ppo",
+    "build_captioner_trainer": ".captioner",
+    "captioning_dataset": ".captioner",
 }
 
 
