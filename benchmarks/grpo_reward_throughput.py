@@ -72,8 +72,7 @@ def main(argv=None) -> None:
             base, ckpt = build_tiny_multitap(tmp, seed=0, size=size)
             shared = multitap_reward(MultiTapModel.from_pretrained(ckpt, base_model=base, device="cpu"))
             unshared = multitap_reward(MultiTapModel.from_pretrained(
-                ckpt, base_model=base, device="cpu", engine=EngineConfig(share_images=False, share_prefix=False)),
-                max_batch_tokens=8191)  # a distinct spec, so the two do not share one cached model
+                ckpt, base_model=base, device="cpu", engine=EngineConfig(share_images=False, share_prefix=False)))
             ref = ReferenceScorer(base, ckpt, os.path.join(tmp, "ref"))
             for g in args.groups:
                 prompts, completions, images = grpo_batch(args.prompts, g, seed=g)

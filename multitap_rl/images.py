@@ -5,8 +5,8 @@ Accepted per sample:
 * a file path (``str`` or ``os.PathLike``),
 * encoded bytes (``bytes``/``bytearray``/``memoryview``) or a ``{"bytes": ..., "path": ...}`` dict
   as Hugging Face ``datasets`` stores undecoded images,
-* an ``(H, W, 3)`` or ``(H, W)`` ``uint8`` numpy array,
-* a ``(3, H, W)`` float tensor or array with values in ``[0, 1]`` (rounded to uint8).
+* an ``(H, W, 3)`` or ``(H, W)`` ``uint8`` array or tensor (``(3, H, W)`` uint8 too),
+* a ``(3, H, W)`` (or ``(H, W, 3)``) float tensor or array with values in ``[0, 1]`` (rounded to uint8).
 """
 
 from __future__ import annotations
@@ -41,10 +41,7 @@ def _decode(data: bytes, index: int | None, origin: str) -> Image.Image:
 def _from_array(arr: np.ndarray, index: int | None) -> Image.Image:
     where = _where(index)
     if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):
-        # (C, H, W) float in [0, 1]
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise TypeError(f"{where}: a channels-first array must be float in [0, 1], got {arr.dtype}")
-        arr = arr.transpose(1, 2, 0)
+        arr = arr.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
     if np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
             raise ValueError(f"{where}: pixel values contain NaN or infinity")
@@ -88,7 +85,10 @@ def load_image(obj: ImageLike, index: int | None = None) -> Image.Image:
     elif isinstance(obj, np.ndarray):
         img = _from_array(obj, index)
     elif type(obj).__module__.startswith("torch"):
-        img = _from_array(obj.detach().float().cpu().numpy(), index)
+        tensor = obj.detach().cpu()
+        if tensor.is_floating_point():
+            tensor = tensor.float()  # numpy has no bfloat16
+        img = _from_array(tensor.numpy(), index)
     else:
         raise TypeError(
             f"{where}: unsupported type {type(obj).__name__}; pass a PIL image, a path, bytes, "

@@ -71,6 +71,14 @@ def validate_batch(images: Sequence, texts: Sequence, questions: Sequence | None
     return list(questions)
 
 
+def _tokenize(backbone: Backbone, index: int, text: str, question: str | None, image: PreparedImage) -> Tokenized:
+    """``backbone.tokenize``, with the sample named when it rejects the prompt."""
+    try:
+        return backbone.tokenize(text, question, image)
+    except ValueError as exc:
+        raise ValueError(f"sample {index}: {exc}") from None
+
+
 class FeatureEngine:
     """Turns samples into last-position hidden states with a backbone; see the module docstring."""
 
@@ -106,7 +114,7 @@ class FeatureEngine:
         n_trunc = 0
         for i, (text, q) in enumerate(zip(texts, questions)):
             img = prepared[image_of[i]]
-            tok = bb.tokenize(text, q, img)
+            tok = _tokenize(bb, i, text, q, img)
             n_trunc += tok.truncated
             requests.append(Request(image=image_of[i], tok=tok, positions=bb.positions(tok, img)))
         if n_trunc:
@@ -118,6 +126,18 @@ class FeatureEngine:
         """(N, H) float32 last-position hidden states. Gradients flow if enabled by the caller."""
         prepared, requests = self.prepare(images, texts, questions)
         return self.run(prepared, requests)
+
+    def features_from_prepared(self, prepared: Sequence[PreparedImage], texts: Sequence[str],
+                               questions: Sequence | None = None) -> torch.Tensor:
+        """(N, H) float32 from already prepared images, one per text (e.g. grad-carrying pixel
+        values from ``backbone.prepare_pixels``); gradients flow if enabled by the caller."""
+        questions = validate_batch(prepared, texts, questions)
+        bb = self.backbone
+        requests = []
+        for i, (img, text, q) in enumerate(zip(prepared, texts, questions)):
+            tok = _tokenize(bb, i, text, q, img)
+            requests.append(Request(image=i, tok=tok, positions=bb.positions(tok, img)))
+        return self.run(list(prepared), requests)
 
     def run(self, prepared: list[PreparedImage], requests: list[Request]) -> torch.Tensor:
         n = len(requests)
@@ -150,7 +170,10 @@ class FeatureEngine:
         return list(by_key.values())
 
     def _prefix_len(self, requests: list[Request], group: list[int]) -> int:
-        return requests[group[0]].tok.prefix_len if self.config.share_prefix else 0
+        """Tokens run once for the whole group; 0 (one full pass) for a group of one."""
+        if not self.config.share_prefix or len(group) < 2:
+            return 0
+        return requests[group[0]].tok.prefix_len
 
     def _chunks(self, groups: list[list[int]], requests: list[Request]):
         """Groups sorted by prefix length (then total length), chunked so that each chunk's
@@ -221,7 +244,9 @@ class FeatureEngine:
             # one prefix row per group; all rows have length p (no padding)
             heads = [requests[g[0]] for g in chunk]
             prefix_reqs = [Request(r.image, Tokenized(r.tok.ids[:p], p), r.positions) for r in heads]
-            _, cache = bb.forward(self._segment(prefix_reqs, 0, feats), use_cache=True)
+            prefix = self._segment(prefix_reqs, 0, feats)
+            prefix.final = False  # run for its cache; rows end before their samples do
+            _, cache = bb.forward(prefix, use_cache=True)
         members = sorted(
             ((gi, i) for gi, g in enumerate(chunk) for i in g), key=lambda t: len(requests[t[1]].tok.ids)
         )

@@ -23,11 +23,15 @@ import torch
 
 __all__ = [
     "QWEN2_VL_CHAT_TEMPLATE",
+    "ReferenceScorer",
     "QWEN_SPECIAL_TOKENS",
+    "TINY_SD_PROMPTS",
     "build_tiny_multitap",
     "build_tiny_qwen2_vl",
+    "build_tiny_stable_diffusion",
     "make_image",
     "tiny_qwen2_vl_config",
+    "tiny_stable_diffusion_pipeline",
 ]
 
 # The chat template shipped with Qwen/Qwen2-VL-*-Instruct (chat_template.json on the hub).
@@ -348,3 +352,11 @@ def make_image(seed: int = 0, size: tuple[int, int] = (64, 48)):
         x, y = rng.randint(0, w - 1), rng.randint(0, h - 1)
         img.putpixel((x, y), tuple(rng.randint(0, 255) for _ in range(3)))
     return img
+
+
+from ._reference import ReferenceScorer  # noqa: E402  (re-export: the reference forward for tests/benchmarks)
+from ._tiny_diffusion import (  # noqa: E402  (diffusers is imported lazily)
+    TINY_SD_PROMPTS,
+    build_tiny_stable_diffusion,
+    tiny_stable_diffusion_pipeline,
+)

@@ -3,6 +3,8 @@
 * :func:`multitap_reward`, :func:`multitap_objective_rewards` -- TRL ``GRPOTrainer``/``RLOOTrainer``
 * :func:`rerank` -- best-of-N reranking
 * :class:`MultiTapScorer` -- PPO-style loops over decoded samples
+* :func:`ddpo_reward` -- text-to-image RL with the DDPO contract ``(images, prompts, metadata) -> (rewards, info)``
+* :func:`differentiable_reward` -- rewards that backpropagate to the pixels (AlignProp / DRaFT)
 * :func:`build_captioner_trainer`, :func:`captioning_dataset` -- a GRPO/RLOO captioner trainer
 """
 
@@ -11,10 +13,14 @@ from __future__ import annotations
 import importlib
 
 __all__ = [
+    "DDPOReward",
+    "DifferentiableReward",
     "MultiTapScorer",
     "RankedCandidate",
     "build_captioner_trainer",
     "captioning_dataset",
+    "ddpo_reward",
+    "differentiable_reward",
     "multitap_objective_rewards",
     "multitap_reward",
     "rerank",
@@ -28,6 +34,10 @@ _LAZY = {
     "MultiTapScorer": ".ppo",
     "build_captioner_trainer": ".captioner",
     "captioning_dataset": ".captioner",
+    "ddpo_reward": ".ddpo",
+    "DDPOReward": ".ddpo",
+    "differentiable_reward": ".differentiable",
+    "DifferentiableReward": ".differentiable",
 }
 
 

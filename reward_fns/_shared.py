@@ -33,6 +33,11 @@ class ScorerSpec:
     rope: str | None = None
     max_batch_tokens: int = 8192
     offload: bool = False  # keep the model on CPU between calls (frees GPU memory for the policy)
+    image_size: int | None = 560
+    max_length: int | None = 1024
+    # id() of an in-memory model this spec was made from: two model objects never share a scorer.
+    # In another process (after pickling) no model has that id, and the spec loads from `checkpoint`.
+    instance: int | None = None
 
 
 class SharedScorer:
@@ -57,7 +62,8 @@ class SharedScorer:
             logger.info("loading MULTI-TAP reward model %s (once per process)", s.checkpoint)
             self._model = MultiTapModel.from_pretrained(
                 s.checkpoint, base_model=s.base_model, heads=s.heads, device=s.device, dtype=s.dtype,
-                rope=s.rope, engine=EngineConfig(max_batch_tokens=s.max_batch_tokens),
+                rope=s.rope, image_size=s.image_size, max_length=s.max_length,
+                engine=EngineConfig(max_batch_tokens=s.max_batch_tokens),
             )
             self._home = self._model.device
             if s.offload:
@@ -130,6 +136,9 @@ def spec_for(model_or_path, *, base_model=None, heads=None, device=None, dtype=N
             base_model=info.get("base_model"), heads=info.get("heads"),
             device=str(model_or_path.device), dtype=str(model_or_path.backbone.dtype).replace("torch.", ""),
             rope=model_or_path.backbone.rope, max_batch_tokens=max_batch_tokens, offload=offload,
+            image_size=getattr(model_or_path.backbone, "image_size", None),
+            max_length=getattr(model_or_path.backbone, "max_length", None),
+            instance=id(model_or_path),
         )
         return spec, model_or_path
     if not isinstance(model_or_path, (str, os.PathLike)):

@@ -22,7 +22,9 @@ def _forms(img, tmp_path):
         "bytes": buf.getvalue(),
         "hf_dict": {"bytes": buf.getvalue(), "path": None},
         "hwc_uint8": arr,
-        "chw_float": torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0,
+        "chw_float": torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0,
+        "hwc_uint8_tensor": torch.from_numpy(arr.copy()),
+        "chw_uint8_tensor": torch.from_numpy(arr.copy()).permute(2, 0, 1),
         "rgba": img.convert("RGBA"),
     }
 

@@ -1,0 +1,94 @@
+"""A differentiable MULTI-TAP reward for AlignProp/DRaFT-style trainers.
+
+Same contract as :mod:`reward_fns.ddpo` -- ``reward_fn(images, prompts, metadata) -> (rewards,
+info)`` -- but ``images`` is a (B, 3, H, W) float tensor in [0, 1] that carries gradients (TRL's
+``AlignPropTrainer`` decodes it with ``torch.enable_grad()``), and ``rewards`` is a (B,) float32
+tensor on the images' device whose gradient flows back to the pixels (and so into the UNet or its
+LoRA). The preprocessing is the one of :mod:`multitap_rl.differentiable`: forward values equal
+the ordinary (non-differentiable) path, so the numbers match :func:`reward_fns.ddpo_reward`.
+
+``info`` holds every dimension's (B,) float32 CPU values (detached), as for DDPO.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from ._shared import ScorerSpec, get_scorer, spec_for
+from .ddpo import _check_metadata, check_prompts
+
+__all__ = ["DifferentiableReward", "differentiable_reward"]
+
+logger = logging.getLogger(__name__)
+
+
+class DifferentiableReward:
+    """``__call__(images, prompts, metadata=None) -> (rewards (B,) with grad, info)``; see
+    :func:`differentiable_reward`. Picklable (holds a spec; the model loads once per process)."""
+
+    def __init__(self, spec: ScorerSpec, model=None, *, weights=None, normalize: str = "none", gates=(),
+                 name: str = "multitap"):
+        from multitap_rl.objectives import RewardCombiner
+
+        from .trl import _dimension_names
+
+        self.spec = spec
+        if model is not None:
+            get_scorer(spec, model)
+        names, stats = _dimension_names(spec, model)
+        self.combiner = RewardCombiner(weights, names, normalize=normalize, stats=stats, gates=gates)
+        self.__name__ = name
+
+    @property
+    def weights(self):
+        return self.combiner.weights
+
+    @property
+    def model(self):
+        return get_scorer(self.spec).model
+
+    def __call__(self, images: torch.Tensor, prompts, metadata=None) -> tuple[torch.Tensor, dict]:
+        from multitap_rl.differentiable import check_pixels, combine_with_grad, score_pixels
+
+        # 1. Validate before any model work.
+        prompts = check_prompts(prompts)
+        check_pixels(images, n=len(prompts))
+        _check_metadata(metadata, len(prompts))
+        # 2. Differentiable scores (model device) -> weighted reward, graph kept.
+        dims = score_pixels(self.model, images, prompts)
+        needs_grad = images.requires_grad
+        for name, w in self.combiner.weights.items():
+            if needs_grad and w != 0 and dims[name].grad_fn is None:
+                raise RuntimeError(f"dimension {name!r} is not differentiable: its heads' predict() ran outside "
+                                   "autograd; drop it from the weights or use the DDPO (non-differentiable) reward")
+        reward = combine_with_grad(self.combiner, dims).to(images.device)
+        info: dict = {k: v.detach().float().cpu() for k, v in dims.items()}
+        if self.combiner.gates:
+            info["gated"] = torch.zeros(len(prompts), dtype=torch.bool)
+            for g in self.combiner.gates:
+                info["gated"] |= info[g.dim] < g.threshold
+        return reward, info
+
+    def __getstate__(self):
+        return dict(self.__dict__)
+
+
+def differentiable_reward(model_or_path, base_model=None, heads=None, weights=None, *, normalize: str = "none",
+                          gates: Sequence = (), device=None, dtype=None, rope=None, max_batch_tokens: int = 8192,
+                          name: str = "multitap") -> DifferentiableReward:
+    """A differentiable reward function: ``(images, prompts, metadata) -> (rewards, info)``.
+
+    Arguments as for :func:`reward_fns.ddpo_reward` (no ``offload``: the backward pass needs the
+    model where the graph was built). ``images`` must be a (B, 3, H, W) float tensor in [0, 1];
+    the returned ``rewards`` (B,) float32 live on its device and carry gradients to it.
+
+    Example (TRL 0.22.2)::
+
+        trainer = AlignPropTrainer(AlignPropConfig(...), differentiable_reward(ckpt), prompt_fn, sd_pipeline)
+    """
+    spec, model = spec_for(model_or_path, base_model=base_model, heads=heads, device=device, dtype=dtype,
+                           rope=rope, max_batch_tokens=max_batch_tokens, offload=False)
+    return DifferentiableReward(spec, model, weights=weights, normalize=normalize, gates=gates, name=name)
