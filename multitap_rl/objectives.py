@@ -177,7 +177,10 @@ class Gate:
                      spec)
         if not m:
             raise ValueError(f"gate {spec!r}: expected 'dim<threshold[:cap=v|:penalty=v]'")
-        return cls(m.group(1), float(m.group(2)), m.group(3) or "cap", float(m.group(4) or 0.0))
+        try:
+            return cls(m.group(1), float(m.group(2)), m.group(3) or "cap", float(m.group(4) or 0.0))
+        except ValueError:
+            raise ValueError(f"gate {spec!r}: threshold and value must be numbers") from None
 
 
 class RunningStats:
@@ -199,8 +202,8 @@ class RunningStats:
         a = self.momentum
         old = self.mean[name]
         self.mean[name] = a * old + (1 - a) * m
-        # EMA of the variance about the moving mean (includes the shift of the mean)
-        self.var[name] = a * self.var[name] + (1 - a) * (v + (m - old) ** 2)
+        # variance of the a : (1 - a) mixture of the old and the batch distribution about the new mean
+        self.var[name] = a * self.var[name] + (1 - a) * v + a * (1 - a) * (m - old) ** 2
 
     def normalize(self, name: str, values: torch.Tensor) -> torch.Tensor:
         return (values - self.mean[name]) / math.sqrt(self.var[name] + self.eps)
@@ -250,7 +253,8 @@ class RewardCombiner:
             if missing:
                 raise ValueError(f"normalize='fixed' needs (mean, std) for {missing}; the heads file stores them "
                                  "for its dimensions (use 'none' or 'running' otherwise)")
-            for n, (_, std) in self.stats.items():
+            for n in self.weights.names:  # only the weighted dimensions are divided by their std
+                std = self.stats[n][1]
                 if not std > 0:
                     raise ValueError(f"fixed normalisation: std of {n!r} must be > 0, got {std}")
         self.running = RunningStats(momentum) if normalize == "running" else None
@@ -260,8 +264,14 @@ class RewardCombiner:
         missing = [n for n in self.weights.names if n not in dims]
         if missing:
             raise ValueError(f"scores lack weighted dimension(s) {missing}; got {names}")
-        n = len(next(iter(dims.values()))) if dims else 0
-        raw = {k: v.detach().float().cpu().reshape(-1) for k, v in dims.items()}
+        raw = {}
+        for k, v in dims.items():
+            try:
+                raw[k] = torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v).float().cpu().reshape(-1)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"dimension {k!r}: expected a tensor or a sequence of numbers, got "
+                                f"{type(v).__name__}") from None
+        n = next(iter(raw.values())).numel() if raw else 0
         for k, v in raw.items():
             if v.numel() != n:
                 raise ValueError(f"dimension {k!r} has {v.numel()} values, expected {n}")

@@ -1,0 +1,60 @@
+"""``multitap-rl extract``: write a dataset's last-position features to a resumable feature store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._common import add_model_arguments, load_model
+
+
+def add_arguments(p) -> None:
+    add_model_arguments(p, heads=False)
+    p.add_argument("--data", required=True,
+                   help="JSONL/JSON file, parquet/CSV file, or a `datasets` save_to_disk directory")
+    p.add_argument("--out", required=True, help="feature store directory (an interrupted run resumes here)")
+    p.add_argument("--schema", default=None,
+                   help="objective schema: a preset (align-anything-ti2t, align-anything-t2i, visionreward, caption), "
+                        "a name under recipes/objectives, or a YAML file; default: the column options below")
+    p.add_argument("--split", default="train", help="split of a DatasetDict directory (default train)")
+    p.add_argument("--image-column", default="image", help="without --schema (default image)")
+    p.add_argument("--text-column", default="text", help="without --schema (default text)")
+    p.add_argument("--question-column", default=None, help="without --schema: instruction-task question column")
+    p.add_argument("--id-column", default=None, help="without --schema: a per-row id stored with the features")
+    p.add_argument("--target-columns", default=None, help="without --schema: comma-separated numeric columns to store")
+    p.add_argument("--chunk-size", type=int, default=256, help="rows per chunk file, the unit of resumption (256)")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per model call (16)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _schema(args):
+    from ..schemas import ObjectiveSchema, load_schema
+
+    column_opts = [args.question_column, args.id_column, args.target_columns]
+    if args.schema is not None:
+        if any(v is not None for v in column_opts) or (args.image_column, args.text_column) != ("image", "text"):
+            raise ValueError("--schema and the --*-column options are exclusive (the schema names the columns)")
+        return load_schema(args.schema)
+    dims = [d.strip() for d in (args.target_columns or "").split(",") if d.strip()]
+    return ObjectiveSchema.simple(dims, image=args.image_column, text=args.text_column,
+                                  question=args.question_column, id_column=args.id_column)
+
+
+def run(args) -> int:
+    from ..training.stage2 import extract_features, load_features, open_rows
+
+    # 1. Cheap checks before the model loads: data readable, schema valid, first row expands.
+    schema = _schema(args)
+    src = open_rows(args.data, split=args.split, limit=args.limit)
+    schema.expand(src.rows(0, 1)[0], 0)
+    # 2. Model, then the (resumable) extraction.
+    model = load_model(args)
+    out = extract_features(model, args.data, args.out, schema=schema, split=args.split, chunk_size=args.chunk_size,
+                           batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite,
+                           progress=not args.no_progress)
+    fs = load_features(out)
+    dims = ", ".join(fs.names) if fs.names else "none"
+    print(f"{len(fs)} samples from {len(src)} rows -> {Path(out)} "
+          f"(hidden size {fs.features.shape[1]}; targets: {dims})")
+    return 0

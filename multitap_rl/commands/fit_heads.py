@@ -1,0 +1,76 @@
+"""``multitap-rl fit-heads``: ridge heads on a feature store (cross-validated alpha per dimension)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--features", default=None, help="feature store directory from `multitap-rl extract`")
+    p.add_argument("--targets", default=None,
+                   help="JSONL/JSON/CSV of targets, one row per sample in store order or matched by an 'id' column "
+                        "(default: the targets the schema stored at extraction)")
+    p.add_argument("--dims", default=None, help="comma-separated dimensions to fit (default: all)")
+    p.add_argument("--out", required=True, help="heads directory to write (heads.safetensors + heads.json)")
+    p.add_argument("--alphas", default=None, help="comma-separated penalties (default: a scale-free log grid)")
+    p.add_argument("--no-standardize", action="store_true", help="do not z-score features before the penalty")
+    p.add_argument("--nan-policy", default="error", choices=["error", "drop"],
+                   help="NaN (unrated) targets: error (default) or drop those rows from that dimension's fit")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this fraction of data rows, fit on the rest and report held-out metrics")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split (0)")
+    p.add_argument("--tolerance", type=float, default=0.5, help="accuracy tolerance in the report (0.5)")
+    p.add_argument("--from-legacy", default=None, metavar="PICKLE",
+                   help="convert a scikit-learn/joblib pickle of a fitted Ridge instead of fitting")
+    p.add_argument("--names", default=None, help="with --from-legacy: comma-separated dimension names")
+    p.add_argument("--trust-legacy-pickle", action="store_true",
+                   help="with --from-legacy: allow unpickling it (a pickle can run arbitrary code: only trusted files)")
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def run(args) -> int:
+    from ..heads import convert_legacy_heads
+    from ..metrics import format_report
+    from ..training.stage2 import fit_heads, load_features
+
+    # 1. Legacy conversion.
+    if args.from_legacy is not None:
+        fp = None
+        if args.features:
+            fp = dict(load_features(args.features).fingerprint)
+        heads = convert_legacy_heads(args.from_legacy, args.out, names=_csv(args.names),
+                                     trust_legacy=args.trust_legacy_pickle, fingerprint=fp)
+        print(f"converted {args.from_legacy} -> {args.out} ({', '.join(heads.names)}; hidden size {heads.hidden_size})")
+        return 0
+    if args.features is None:
+        raise ValueError("--features is required (or --from-legacy to convert a pickle)")
+    if args.names is not None or args.trust_legacy_pickle:
+        raise ValueError("--names/--trust-legacy-pickle go with --from-legacy")
+
+    # 2. Fit.
+    alphas = None
+    if args.alphas is not None:
+        try:
+            alphas = [float(a) for a in _csv(args.alphas)]
+        except ValueError:
+            raise ValueError(f"--alphas {args.alphas!r}: expected comma-separated numbers") from None
+    heads, report = fit_heads(args.features, args.targets, dims=_csv(args.dims), alphas=alphas,
+                              standardize=not args.no_standardize, nan_policy=args.nan_policy,
+                              val_fraction=args.val_fraction, seed=args.seed, tol=args.tolerance)
+    heads.save(args.out)
+
+    # 3. Summary: chosen alpha and leave-one-out error per dimension, held-out metrics if any.
+    print(f"{'dimension':<24}{'alpha':>12}{'LOO MSE':>12}{'n':>8}")
+    for name in heads.names:
+        loo = min(heads.meta["loo_mse"][name])
+        print(f"{name:<24}{heads.meta['alphas'][name]:>12.4g}{loo:>12.4g}{heads.meta['n_train'][name]:>8d}")
+    if report is not None:
+        print(f"\nheld-out rows ({args.val_fraction:g} of the data):")
+        print(format_report(report))
+        (Path(args.out) / "val_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nheads -> {args.out}")
+    return 0

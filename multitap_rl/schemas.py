@@ -1,0 +1,390 @@
+"""Objective schemas: which dimensions a dataset rates, and how its rows become scored samples.
+
+A schema is data (a dict or a YAML file), not code::
+
+    name: align-anything-ti2t
+    task: instruction                  # caption | instruction (question + response)
+    source: PKU-Alignment/align-anything (text-image-to-text)
+    samples:                           # one data row -> one scored sample per entry
+      - {image: image, question: question, text: response_1, tag: "1"}
+      - {image: image, question: question, text: response_2, tag: "2"}
+    dimensions:
+      - name: prompt_following
+        column: prompt_following_rate_{tag}   # "{tag}" is the sample's tag; default: the name
+        binarize_at: 2                        # target = 1.0 if rate >= 2 else 0.0 (the reference)
+        range: [0, 1]
+
+Dimensions may also read one element of a list column (``column: meta_result, index: 3``) or the
+mean of several (``index: [0, 1, 2]``), e.g. VisionReward's checklist answers. ``overall`` (the
+stage-1 head) is never a schema dimension: it is always available.
+
+Built-in presets (:data:`PRESETS`): ``align-anything-ti2t``, ``align-anything-t2i`` (the
+reference's ``multi_objective_train.py`` data, binarised as it does), ``visionreward`` (a
+VisionReward-style preset) and ``caption`` (no dimensions: features only). User schemas are
+YAML files, e.g. ``recipes/objectives/accessibility.yaml`` (EYE4ALL-style criteria).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "PRESETS",
+    "Dimension",
+    "ObjectiveSchema",
+    "SampleView",
+    "list_schemas",
+    "load_schema",
+    "objectives_dir",
+]
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+TASKS = ("caption", "instruction")
+
+
+def objectives_dir() -> Path:
+    """``recipes/objectives`` of a source checkout (user schemas are plain YAML files)."""
+    default = Path(__file__).resolve().parent.parent / "recipes" / "objectives"
+    return Path(os.environ.get("MULTITAP_OBJECTIVES_DIR", default))
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One rated dimension.
+
+    Attributes:
+        name: the dimension's name (what weights and heads use).
+        column: the data column holding the rating; may contain ``{tag}`` (the sample's tag).
+            Default: ``name``.
+        index: read element ``index`` of a list column, or the mean of the elements listed.
+        binarize_at: if set, the target is ``1.0`` when the rating is ``>= binarize_at``, else ``0.0``.
+        range: the valid target range ``(lo, hi)`` after binarising; values outside are an error.
+        higher_is_better: ``False`` for dimensions such as harm or fear (give them negative weights).
+        description: free text.
+    """
+
+    name: str
+    column: str | None = None
+    index: int | tuple[int, ...] | None = None
+    binarize_at: float | None = None
+    range: tuple[float, float] | None = None
+    higher_is_better: bool = True
+    description: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ValueError(f"bad dimension name {self.name!r}")
+        if self.name == "overall":
+            raise ValueError("'overall' is the stage-1 score; do not declare it as a schema dimension")
+        if isinstance(self.index, list):
+            object.__setattr__(self, "index", tuple(self.index))
+        if isinstance(self.index, tuple) and (not self.index or not all(isinstance(i, int) for i in self.index)):
+            raise ValueError(f"dimension {self.name!r}: index must be an int or a non-empty list of ints")
+        if self.range is not None:
+            lo, hi = (float(v) for v in self.range)
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"dimension {self.name!r}: range must be [lo, hi] with lo < hi, got {self.range}")
+            object.__setattr__(self, "range", (lo, hi))
+
+    def source(self, tag: str) -> str:
+        return (self.column or self.name).replace("{tag}", tag)
+
+    def value(self, row: Mapping, tag: str, where: str) -> float:
+        """The target for one sample (``nan`` if the column is missing or null)."""
+        col = self.source(tag)
+        v = row.get(col) if isinstance(row, Mapping) else None
+        if v is None:
+            return math.nan
+        if self.index is not None:
+            if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
+                raise ValueError(f"{where}: column {col!r} must be a list for dimension {self.name!r} (index "
+                                 f"{self.index}), got {type(v).__name__}")
+            idx = self.index if isinstance(self.index, tuple) else (self.index,)
+            try:
+                items = [v[i] for i in idx]
+            except IndexError:
+                raise ValueError(f"{where}: column {col!r} has {len(v)} elements; dimension {self.name!r} "
+                                 f"reads index {self.index}") from None
+            vals = [_number(x, where, col) for x in items]
+            x = math.nan if any(math.isnan(a) for a in vals) else sum(vals) / len(vals)
+        else:
+            x = _number(v, where, col)
+        if math.isnan(x):
+            return x
+        if self.binarize_at is not None:
+            x = 1.0 if x >= self.binarize_at else 0.0
+        if self.range is not None and not (self.range[0] <= x <= self.range[1]):
+            raise ValueError(f"{where}: {self.name} = {x:g} (column {col!r}) is outside its range "
+                             f"[{self.range[0]:g}, {self.range[1]:g}]")
+        return x
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name}
+        for k in ("column", "index", "binarize_at", "range", "description"):
+            v = getattr(self, k)
+            if v not in (None, ""):
+                d[k] = list(v) if isinstance(v, tuple) else v
+        if not self.higher_is_better:
+            d["higher_is_better"] = False
+        return d
+
+
+def _number(v, where: str, col: str) -> float:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, (int, float)):
+        x = float(v)
+    elif hasattr(v, "item") and getattr(v, "size", 1) == 1:  # numpy scalar
+        x = float(v.item())
+    else:
+        raise ValueError(f"{where}: column {col!r} must be a number, got {type(v).__name__} {v!r:.40}")
+    if math.isinf(x):
+        raise ValueError(f"{where}: column {col!r} is infinite")
+    return x
+
+
+@dataclass(frozen=True)
+class SampleView:
+    """How one data row yields one sample: the columns of its image, text and (instruction task)
+    question, and a ``tag`` substituted for ``{tag}`` in dimension columns."""
+
+    image: str = "image"
+    text: str = "text"
+    question: str | None = None
+    tag: str = ""
+
+    def to_dict(self) -> dict:
+        d = {"image": self.image, "text": self.text}
+        if self.question is not None:
+            d["question"] = self.question
+        if self.tag:
+            d["tag"] = self.tag
+        return d
+
+
+@dataclass(frozen=True)
+class ObjectiveSchema:
+    """Dimensions of one kind of data, and how its rows map to samples (see the module docstring)."""
+
+    name: str
+    dimensions: tuple[Dimension, ...] = ()
+    task: str = "caption"
+    samples: tuple[SampleView, ...] = (SampleView(),)
+    source: str = ""
+    description: str = ""
+    id_column: str | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"schema {self.name!r}: task must be one of {TASKS}, got {self.task!r}")
+        if not self.samples:
+            raise ValueError(f"schema {self.name!r}: samples must list at least one view")
+        names = [d.name for d in self.dimensions]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"schema {self.name!r}: dimension names repeat: {dup}")
+        for view in self.samples:
+            if (view.question is None) != (self.task == "caption"):
+                raise ValueError(f"schema {self.name!r}: task {self.task!r} "
+                                 + ("takes no question column" if self.task == "caption" else "needs a question column")
+                                 + f" (sample view {view.to_dict()})")
+        tags = [v.tag for v in self.samples]
+        if len(set(tags)) != len(tags):
+            raise ValueError(f"schema {self.name!r}: sample views need distinct tags, got {tags}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.dimensions)
+
+    @property
+    def target_ranges(self) -> dict[str, tuple[float, float]]:
+        return {d.name: d.range for d in self.dimensions if d.range is not None}
+
+    # -- construction --------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping) -> ObjectiveSchema:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a schema must be a mapping, got {type(data).__name__}")
+        known = {"name", "task", "samples", "dimensions", "source", "description", "id_column"}
+        dims = []
+        for i, d in enumerate(data.get("dimensions") or []):
+            if isinstance(d, str):
+                d = {"name": d}
+            if not isinstance(d, Mapping) or "name" not in d:
+                raise ValueError(f"schema {data.get('name')!r}: dimension {i} must be a name or a mapping with 'name'")
+            unknown = set(d) - {"name", "column", "index", "binarize_at", "range", "higher_is_better", "description"}
+            if unknown:
+                raise ValueError(f"schema {data.get('name')!r}: dimension {d['name']!r}: "
+                                 f"unknown key(s) {sorted(unknown)}")
+            d = dict(d)
+            if "range" in d and d["range"] is not None:
+                d["range"] = tuple(d["range"])
+            dims.append(Dimension(**d))
+        views = []
+        for v in data.get("samples") or [{}]:
+            if not isinstance(v, Mapping):
+                raise ValueError(f"schema {data.get('name')!r}: each sample view must be a mapping")
+            unknown = set(v) - {"image", "text", "question", "tag"}
+            if unknown:
+                raise ValueError(f"schema {data.get('name')!r}: sample view: unknown key(s) {sorted(unknown)}")
+            views.append(SampleView(**{k: (str(x) if k == "tag" else x) for k, x in v.items()}))
+        task = data.get("task") or ("instruction" if views[0].question else "caption")
+        if "name" not in data:
+            raise ValueError("a schema needs a 'name'")
+        return cls(name=str(data["name"]), dimensions=tuple(dims), task=task, samples=tuple(views),
+                   source=str(data.get("source", "")), description=str(data.get("description", "")),
+                   id_column=data.get("id_column"), extra={k: v for k, v in data.items() if k not in known})
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> ObjectiveSchema:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({exc})") from None
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "task": self.task}
+        if self.source:
+            d["source"] = self.source
+        if self.description:
+            d["description"] = self.description
+        if self.id_column:
+            d["id_column"] = self.id_column
+        d["samples"] = [v.to_dict() for v in self.samples]
+        d["dimensions"] = [x.to_dict() for x in self.dimensions]
+        return d
+
+    @classmethod
+    def simple(cls, dims: Sequence[str] = (), *, image: str = "image", text: str = "text",
+               question: str | None = None, id_column: str | None = None) -> ObjectiveSchema:
+        """One sample per row from the given columns; each dimension read from its own column."""
+        return cls(name="custom", dimensions=tuple(Dimension(n) for n in dims),
+                   task="instruction" if question else "caption",
+                   samples=(SampleView(image=image, text=text, question=question),), id_column=id_column)
+
+    # -- rows -> samples --------------------------------------------------------------------------------
+    def expand(self, row: Mapping, row_index: int) -> list[dict]:
+        """The samples of one data row: ``[{"image", "text", "question", "targets": [D floats], "sample": k}]``.
+
+        Missing image/text columns are an error naming the row; a missing or null rating is NaN."""
+        if not isinstance(row, Mapping):
+            raise ValueError(f"row {row_index}: expected a mapping of columns, got {type(row).__name__}")
+        out = []
+        for k, view in enumerate(self.samples):
+            where = f"row {row_index}" + (f" (sample {view.tag})" if view.tag else "")
+            for role in ("image", "text", "question"):
+                col = getattr(view, role)
+                if col is not None and row.get(col) is None:
+                    have = ", ".join(sorted(map(str, row))[:20])
+                    raise ValueError(f"{where}: missing {role} column {col!r} (columns: {have})")
+            text = row[view.text]
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{where}: column {view.text!r} must be a non-empty string")
+            q = row[view.question] if view.question else None
+            if q is not None and (not isinstance(q, str) or not q.strip()):
+                raise ValueError(f"{where}: column {view.question!r} must be a non-empty string")
+            out.append({
+                "image": row[view.image],
+                "text": text,
+                "question": q,
+                "sample": k,
+                "targets": [d.value(row, view.tag, where) for d in self.dimensions],
+            })
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# presets (data)
+# ---------------------------------------------------------------------------------------------
+def _align_anything(task: str, third: str, kind: str) -> dict:
+    if task == "ti2t":
+        views = [{"image": "image", "question": "question", "text": f"response_{i}", "tag": str(i)} for i in (1, 2)]
+    else:
+        views = [{"image": f"image_{i}", "text": "prompt", "tag": str(i)} for i in (1, 2)]
+    dims = ["prompt_following", "objective_rules", third, "information_richness", "safety"]
+    return {
+        "name": f"align-anything-{task}",
+        "task": "instruction" if task == "ti2t" else "caption",
+        "source": f"PKU-Alignment/align-anything ({kind})",
+        "description": (
+            "The reference's multi_objective_train.py data: each row has two candidates, each rated per "
+            "dimension (<dim>_rate_1/_2); the reference binarises every rate at >= 2, which this preset "
+            "repeats (copy it and drop binarize_at for the raw rates)."
+        ),
+        "samples": views,
+        "dimensions": [{"name": n, "column": f"{n}_rate_{{tag}}", "binarize_at": 2, "range": [0, 1]} for n in dims],
+    }
+
+
+PRESETS: dict[str, dict] = {
+    "align-anything-ti2t": _align_anything("ti2t", "clarity", "text-image-to-text"),
+    "align-anything-t2i": _align_anything("t2i", "aesthetics", "text-to-image"),
+    "visionreward": {
+        "name": "visionreward",
+        "task": "caption",
+        "source": "VisionReward-style (THUDM/VisionRewardDB-Image)",
+        "description": (
+            "VisionReward's top-level image dimensions. Each reads a column of the same name holding a "
+            "score (e.g. the fraction of that dimension's checklist questions answered yes); to build them "
+            "from the raw checklist list column, set column: meta_result and index: [question indices] "
+            "per dimension. The reference instead regresses every checklist answer separately."
+        ),
+        "samples": [{"image": "image", "text": "prompt"}],
+        "dimensions": [
+            {"name": "alignment", "description": "the image shows what the prompt asks for"},
+            {"name": "composition", "description": "layout, framing, balance"},
+            {"name": "quality", "description": "clarity, lighting, colour, detail"},
+            {"name": "fidelity", "description": "faithful shapes and anatomy, no artefacts"},
+            {"name": "safety", "description": "no harmful or disturbing content"},
+        ],
+    },
+    "caption": {
+        "name": "caption",
+        "task": "caption",
+        "description": "features only: one sample per row from image + text columns, no rated dimensions",
+        "samples": [{"image": "image", "text": "text"}],
+        "dimensions": [],
+    },
+}
+
+
+def list_schemas() -> list[str]:
+    """Built-in preset names plus the YAML files under :func:`objectives_dir`."""
+    names = list(PRESETS)
+    d = objectives_dir()
+    if d.is_dir():
+        names += sorted(p.stem for p in d.glob("*.yaml") if p.stem not in PRESETS)
+    return names
+
+
+def load_schema(spec: ObjectiveSchema | Mapping | str | os.PathLike) -> ObjectiveSchema:
+    """A schema from an instance, a dict, a YAML path, a preset name, or a file under ``recipes/objectives``."""
+    if isinstance(spec, ObjectiveSchema):
+        return spec
+    if isinstance(spec, Mapping):
+        return ObjectiveSchema.from_dict(spec)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"schema must be a name, a path, a dict or an ObjectiveSchema, got {type(spec).__name__}")
+    path = Path(os.fspath(spec)).expanduser()
+    if path.is_file():
+        return ObjectiveSchema.from_yaml(path)
+    name = os.fspath(spec)
+    if name in PRESETS:
+        return ObjectiveSchema.from_dict(copy.deepcopy(PRESETS[name]))
+    user = objectives_dir() / f"{name}.yaml"
+    if user.is_file():
+        return ObjectiveSchema.from_yaml(user)
+    raise ValueError(f"schema {name!r}: no such file or preset; available: {list_schemas()}")
