@@ -80,3 +80,13 @@ def test_console_script_tiny_is_deterministic(tmp_path):
         for f in files:
             assert (tmp_path / "a" / sub / f).read_bytes() == (tmp_path / "b" / sub / f).read_bytes(), f
     assert (tmp_path / "a" / "reward" / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.integration
+def test_demo_runs_end_to_end_offline(capsys):
+    assert main(["demo", "--grpo-steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "fitted stage-2 heads ['color', 'shape', 'position']" in out
+    assert "weights overall=1,color=1,shape=1,position=1" in out
+    assert out.count("    1. ") == 3  # a ranking per image
+    assert "[4/4] GRPO: 1 steps against the weighted reward" in out

@@ -1,50 +1,157 @@
 """``multitap-rl demo``: the main job end to end.
 
-Offline (the default) it builds the tiny seeded models in a temporary directory; pass
-``--checkpoint``/``--base-model`` (hub ids or directories) for real ones. It scores captions for
-a few images and reranks each image's candidates, printing a table.
+1. load a MULTI-TAP model (offline default: the tiny seeded models, built in a temporary folder);
+2. stage-2 heads: ``--heads DIR``, or offline, heads fitted right here on the built-in shapes task
+   (is the caption's colour / shape / position right?);
+3. score candidate captions for each image and rerank them with the user's ``--weights``;
+4. a few GRPO steps of a captioner (the base model as policy) against the weighted reward.
+
+Offline the numbers come from random weights: they exercise the real pipeline, not a real judge.
 """
 
 from __future__ import annotations
 
+import logging
+import random
 import tempfile
+import time
 
-CANDIDATES = [
-    "A photo.",
-    "A red circle on a dark background.",
-    "A small bright shape near the top left corner of the picture.",
-    "Two dogs sitting on the grass next to a house.",
-]
+ATTRIBUTES = ("color", "shape", "position")
 
 
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", default=None, help="MULTI-TAP checkpoint (default: tiny offline model)")
-    p.add_argument("--base-model", default=None, help="base LVLM for --checkpoint")
+    p.add_argument("--base-model", default=None, help="base LVLM of --checkpoint")
+    p.add_argument("--heads", default=None, help="stage-2 heads directory (offline default: fitted here)")
+    p.add_argument("--policy", default=None, help="captioner for the GRPO steps (default: the base model)")
+    p.add_argument("--weights", default=None,
+                   help='weights over dimensions, e.g. "overall=1,color=2" (default: overall=1 plus every head dim)')
     p.add_argument("--images", nargs="*", default=None, help="image files (default: generated shapes)")
+    p.add_argument("--grpo-steps", type=int, default=2, help="GRPO steps to run (0: skip)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
 
 
+def _caption(scene, **change) -> str:
+    from .._shapes_task import ShapeScene, shape_caption
+
+    return shape_caption(ShapeScene(**{**scene.__dict__, **change}))
+
+
+def _wrong(rng, pool, right):
+    return rng.choice([v for v in pool if v != right])
+
+
+def _fit_shape_heads(model, n: int = 96, seed: int = 0):
+    """Heads for color/shape/position correctness, fitted on shapes-task captions."""
+    from ..heads import RidgeHeads
+    from .._shapes_task import SHAPE_COLORS, SHAPE_KINDS, SHAPE_POSITIONS, ShapeScene, draw_shapes_image
+
+    rng = random.Random(seed)
+    pools = {"color": list(SHAPE_COLORS), "shape": list(SHAPE_KINDS), "position": list(SHAPE_POSITIONS)}
+    images, texts, targets = [], [], {a: [] for a in ATTRIBUTES}
+    for _ in range(n):
+        scene = ShapeScene(**{a: rng.choice(pools[a]) for a in ATTRIBUTES})
+        wrong = {a: _wrong(rng, pools[a], getattr(scene, a)) for a in ATTRIBUTES if rng.random() < 0.5}
+        images.append(draw_shapes_image(scene, 112, rng))
+        texts.append(_caption(scene, **wrong))
+        for a in ATTRIBUTES:
+            targets[a].append(0.0 if a in wrong else 1.0)
+    from ..training.stage2 import model_identity
+
+    feats = model.features(images, texts)
+    overall = model.score_features(feats).overall
+    return RidgeHeads.fit(feats, targets, overall=overall, fingerprint=model_identity(model))
+
+
+def _quiet() -> None:
+    """The demo prints its own summary: silence library progress bars and deprecation chatter."""
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def run(args) -> int:
     from ..model import MultiTapModel
-    from ..testing import build_tiny_multitap, make_image
+    from .._shapes_task import SHAPE_COLORS, SHAPE_KINDS, SHAPE_POSITIONS, ShapeScene, draw_shapes_image
+    from ..testing import build_tiny_multitap
 
+    _quiet()
     with tempfile.TemporaryDirectory(prefix="multitap-demo-") as tmp:
+        # 1. Model.
         if args.checkpoint is None:
             base, ckpt = build_tiny_multitap(tmp, seed=0)
-            print(f"[demo] offline: tiny random models written to {tmp} (scores are not meaningful)")
+            print(f"[1/4] offline: tiny random models written to {tmp} (their scores mean nothing)")
         else:
             base, ckpt = args.base_model, args.checkpoint
-        model = MultiTapModel.from_pretrained(ckpt, base_model=base, device=args.device, dtype=args.dtype)
-        images = args.images or [make_image(i, size=(96, 72)) for i in range(3)]
-        flat_images = [im for im in images for _ in CANDIDATES]
-        flat_texts = [c for _ in images for c in CANDIDATES]
-        scores = model.score(flat_images, flat_texts)
-        rows = scores.rows()
-        for i, _ in enumerate(images):
-            print(f"\nimage {i}: candidates ranked by overall score")
-            block = rows[i * len(CANDIDATES) : (i + 1) * len(CANDIDATES)]
-            for rank, j in enumerate(sorted(range(len(block)), key=lambda j: -block[j]["overall"]), start=1):
-                extra = "  ".join(f"{k}={v:.3f}" for k, v in block[j].items() if k != "overall")
-                print(f"  {rank}. {block[j]['overall']:.4f}  {CANDIDATES[j]!r}  {extra}")
+            print(f"[1/4] loading {ckpt}")
+        model = MultiTapModel.from_pretrained(ckpt, base_model=base, heads=args.heads, device=args.device,
+                                              dtype=args.dtype)
+
+        # 2. Heads.
+        if model.heads is None and args.checkpoint is None:
+            t = time.perf_counter()
+            model.load_heads(_fit_shape_heads(model))
+            print(f"[2/4] fitted stage-2 heads {list(model.heads.names)} on 96 shapes-task captions "
+                  f"in {time.perf_counter() - t:.1f}s")
+        else:
+            print(f"[2/4] dimensions: {list(model.dimension_names)}")
+        weights = args.weights or ",".join(f"{d}=1" for d in model.dimension_names)
+
+        # 3. Score and rerank.
+        rng = random.Random(1)
+        if args.images:
+            images = list(args.images)
+            candidates = [["A photo.", "A red circle on the left.", "Two dogs sitting on the grass."]] * len(images)
+        else:
+            scenes = [ShapeScene(color=c, shape=s, position=p) for c, s, p in
+                      [("red", "circle", "left"), ("blue", "square", "top"), ("green", "triangle", "center")]]
+            images = [draw_shapes_image(sc, 112, rng) for sc in scenes]
+            candidates = [[_caption(sc), _caption(sc, color=_wrong(rng, list(SHAPE_COLORS), sc.color)),
+                           _caption(sc, shape=_wrong(rng, list(SHAPE_KINDS), sc.shape)),
+                           _caption(sc, position=_wrong(rng, list(SHAPE_POSITIONS), sc.position))]
+                          for sc in scenes]
+        from reward_fns import rerank
+
+        ranked = rerank(images, candidates, weights, model=model)
+        print(f"[3/4] candidates ranked by reward with weights {weights}:")
+        for i, lst in enumerate(ranked):
+            print(f"  image {i}:")
+            for rank, c in enumerate(lst, start=1):
+                dims = " ".join(f"{k}={v:.3f}" for k, v in c.dims.items())
+                print(f"    {rank}. {c.reward:+.3f}  {c.text!r:42} {dims}")
+
+        # 4. GRPO steps.
+        if args.grpo_steps > 0:
+            import torch
+
+            from reward_fns import build_captioner_trainer, captioning_dataset, multitap_reward
+
+            torch.manual_seed(0)
+            reward = multitap_reward(model, weights=weights)
+            trainer = build_captioner_trainer(
+                args.policy or str(base), reward, captioning_dataset(images + images[:1]),
+                output_dir=f"{tmp}/grpo", num_generations=2, batch_size=4, max_completion_length=12,
+                max_steps=args.grpo_steps, learning_rate=1e-5, disable_tqdm=True,
+            )
+            from transformers import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
+            logged = [h for h in trainer.state.log_history if "reward" in h]
+            print(f"[4/4] GRPO: {len(logged)} steps against the weighted reward; mean reward per step: "
+                  + ", ".join(f"{h['reward']:.3f}" for h in logged))
+        else:
+            print("[4/4] GRPO skipped (--grpo-steps 0)")
     return 0

@@ -41,6 +41,7 @@ __all__ = [
     "extract_features",
     "fit_heads",
     "load_features",
+    "model_identity",
     "open_rows",
     "read_targets",
     "split_rows",
@@ -161,7 +162,8 @@ def _atomic_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _model_identity(model) -> dict:
+def model_identity(model) -> dict:
+    """What identifies the features a model extracts (saved with feature stores and heads)."""
     info = getattr(model, "info", {}) or {}
     bb = getattr(model, "backbone", None)
     return {
@@ -244,7 +246,7 @@ def extract_features(
         "data": src.name,
         "schema": schema.to_dict(),
         "dims": list(schema.names),
-        "model": _model_identity(model),
+        "model": model_identity(model),
     }
     _prepare_store(out, manifest, overwrite)
 
