@@ -22,14 +22,28 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "LLAMA32_VISION_CHAT_TEMPLATE",
+    "MllamaReferenceScorer",
     "QWEN2_VL_CHAT_TEMPLATE",
     "ReferenceScorer",
     "QWEN_SPECIAL_TOKENS",
+    "SHAPE_ATTRIBUTES",
+    "SHAPE_COLORS",
+    "SHAPE_KINDS",
+    "SHAPE_POSITIONS",
+    "ShapeScene",
     "TINY_SD_PROMPTS",
+    "build_tiny_mllama",
+    "build_tiny_mllama_multitap",
     "build_tiny_multitap",
     "build_tiny_qwen2_vl",
     "build_tiny_stable_diffusion",
+    "draw_shapes_image",
     "make_image",
+    "make_shapes_dataset",
+    "make_shapes_pairs",
+    "make_shapes_records",
+    "shape_caption",
     "tiny_qwen2_vl_config",
     "tiny_stable_diffusion_pipeline",
 ]
@@ -355,8 +369,22 @@ def make_image(seed: int = 0, size: tuple[int, int] = (64, 48)):
 
 
 from ._reference import ReferenceScorer  # noqa: E402  (re-export: the reference forward for tests/benchmarks)
+from ._reference_mllama import MllamaReferenceScorer  # noqa: E402  (the same for Llama-3.2-Vision)
+from ._tiny_mllama import LLAMA32_VISION_CHAT_TEMPLATE, build_tiny_mllama, build_tiny_mllama_multitap  # noqa: E402
 from ._tiny_diffusion import (  # noqa: E402  (diffusers is imported lazily)
     TINY_SD_PROMPTS,
     build_tiny_stable_diffusion,
     tiny_stable_diffusion_pipeline,
+)
+from ._shapes_task import (  # noqa: E402  (the learnable offline task; datasets imported lazily)
+    SHAPE_ATTRIBUTES,
+    SHAPE_COLORS,
+    SHAPE_KINDS,
+    SHAPE_POSITIONS,
+    ShapeScene,
+    draw_shapes_image,
+    make_shapes_dataset,
+    make_shapes_pairs,
+    make_shapes_records,
+    shape_caption,
 )

@@ -29,6 +29,43 @@ def tiny_model(tiny_dirs):
 
 
 @pytest.fixture(scope="session")
+def tiny_mllama_dirs(tmp_path_factory):
+    """(base_dir, reward_dir) of the seeded tiny Llama-3.2-Vision (Mllama) MULTI-TAP model."""
+    from multitap_rl.testing import build_tiny_mllama_multitap
+
+    return build_tiny_mllama_multitap(tmp_path_factory.mktemp("tiny_mllama"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_mllama_model(tiny_mllama_dirs):
+    from multitap_rl import MultiTapModel
+
+    base, reward = tiny_mllama_dirs
+    return MultiTapModel.from_pretrained(reward, base_model=base, device="cpu")
+
+
+# Tests that must hold for every backbone take these: one run per backbone family.
+BACKBONE_FIXTURES = {"qwen2_vl": ("tiny_dirs", "tiny_model"), "mllama": ("tiny_mllama_dirs", "tiny_mllama_model")}
+
+
+@pytest.fixture(scope="session", params=sorted(BACKBONE_FIXTURES))
+def backbone_family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def backbone_dirs(backbone_family, request):
+    """(base_dir, reward_dir) of the tiny model of ``backbone_family``."""
+    return request.getfixturevalue(BACKBONE_FIXTURES[backbone_family][0])
+
+
+@pytest.fixture(scope="session")
+def backbone_model(backbone_family, request):
+    """The ``MultiTapModel`` (default engine) of the tiny model of ``backbone_family``."""
+    return request.getfixturevalue(BACKBONE_FIXTURES[backbone_family][1])
+
+
+@pytest.fixture(scope="session")
 def images():
     from multitap_rl.testing import make_image
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from .base import Backbone, PreparedImage, Segment, Tokenized
+from .mllama import MllamaBackbone
 from .qwen2_vl import Qwen2VLBackbone
 
-__all__ = ["BACKBONES", "Backbone", "PreparedImage", "Qwen2VLBackbone", "Segment", "Tokenized", "backbone_for"]
+__all__ = ["BACKBONES", "Backbone", "MllamaBackbone", "PreparedImage", "Qwen2VLBackbone", "Segment", "Tokenized",
+           "backbone_for"]
 
-BACKBONES: dict[str, type[Backbone]] = {t: cls for cls in (Qwen2VLBackbone,) for t in cls.model_types}
+BACKBONES: dict[str, type[Backbone]] = {
+    t: cls for cls in (Qwen2VLBackbone, MllamaBackbone) for t in cls.model_types
+}
 
 
 def backbone_for(config) -> type[Backbone]:

@@ -6,9 +6,16 @@ The scoring engine (``multitap_rl.scoring``) is backbone-agnostic. It asks a bac
 2. ``tokenize(text, question, image) -> Tokenized``: the reference prompt layout as token ids,
    with ``prefix_len`` = the number of leading tokens that depend only on the image and the
    task (not on the text being scored), so those tokens can be shared between samples;
-3. ``encode_images(images) -> list[Tensor]``: run the vision tower once per unique image;
-4. ``forward(segment, ...) -> (last hidden (B, H), cache)``: run the language model over a
-   right-padded batch of token segments, optionally continuing from a shared prefix cache.
+3. ``encode_images(images) -> list``: run the vision tower once per unique image; each entry
+   is that image's features in whatever form the backbone's ``forward`` consumes (a tensor of
+   placeholder-token embeddings for Qwen2-VL, cross-attention states for Llama-3.2-Vision);
+   the engine only stores them and hands them back per row;
+4. ``forward(segment, ...) -> (feature (B, H), cache)``: run the language model over a
+   right-padded batch of token segments, optionally continuing from a shared prefix cache. For
+   a ``final`` segment the backbone returns each row's *feature* -- the hidden state the
+   reference reads at position -1 of its padded sequence: the last real token when the
+   reference pads on the left (Qwen2-VL), a pad token when it pads on the right (Llama-3.2-Vision;
+   the backbone computes that token itself, see ``backbones/mllama.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +26,22 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "PreparedImage", "Segment", "Tokenized"]
+__all__ = ["CAPTION_INSTRUCTION", "Backbone", "PreparedImage", "Segment", "Tokenized", "reference_messages"]
+
+CAPTION_INSTRUCTION = "Describe this image."
+
+
+def reference_messages(text: str, question: str | None) -> list[dict]:
+    """The MULTI-TAP reference's chat messages (``prepare_input``, same for every chat-template
+    backbone): caption task = user "Describe this image." + assistant [image, caption];
+    instruction task = one assistant turn [question, image, response]."""
+    if question is None:
+        return [
+            {"role": "user", "content": [{"type": "text", "text": CAPTION_INSTRUCTION}]},
+            {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": text}]},
+        ]
+    return [{"role": "assistant", "content": [{"type": "text", "text": question}, {"type": "image"},
+                                              {"type": "text", "text": text}]}]
 
 
 @dataclass
@@ -45,9 +67,12 @@ class Segment:
     ids: torch.Tensor  # (B, S) long
     lengths: torch.Tensor  # (B,) real lengths, >= 1
     start: int  # position of the first token of the segment in the full sequence
-    image_features: list[torch.Tensor | None]  # per row: the image's features, or None
+    image_features: list[Any]  # per row: the image's features from ``encode_images``, or None
     positions: torch.Tensor | None = None  # backbone-specific explicit positions, (.., B, S)
     extras: dict[str, Any] = field(default_factory=dict)
+    # True: each row ends where its sample ends, and forward returns its feature. False: a
+    # shared-prefix segment (run for its cache only; the returned hidden state is ignored).
+    final: bool = True
 
 
 class Backbone(nn.Module):
@@ -86,6 +111,12 @@ class Backbone(nn.Module):
     @classmethod
     def remap_state_dict(cls, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         """Map checkpoint backbone keys onto this module's names; return (state, ignored keys)."""
+        raise NotImplementedError  # pragma: no cover
+
+    @classmethod
+    def export_state_dict(cls, state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+        """Map this module's keys onto a checkpoint layout ("released" or "multitap"); the
+        inverse of :meth:`remap_state_dict` (used by ``MultiTapModel.save_pretrained``)."""
         raise NotImplementedError  # pragma: no cover
 
     @property
