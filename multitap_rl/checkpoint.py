@@ -28,6 +28,7 @@ __all__ = [
     "read_multitap_config",
     "read_state_dict",
     "resolve_dir",
+    "save_sharded",
     "split_checkpoint",
 ]
 
@@ -172,3 +173,51 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], where: 
         hint = " (wrong base model?)" if bad or (missing and unexpected) or len(missing) > 1 else ""
         raise CheckpointError(f"{where} does not fit the base model{hint}: " + "; ".join(parts))
     module.load_state_dict(state, strict=True)
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = str(size).strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * units[unit])
+    return int(text)
+
+
+def save_sharded(state: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int | str = "5GB") -> list[Path]:
+    """Write ``state`` as ``model.safetensors``, or as shards plus ``model.safetensors.index.json``
+    when it exceeds ``max_shard_size`` (bytes or "500MB"/"5GB"). Weight files already in
+    ``out_dir`` are removed first, so a stale index never points at old shards."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*out_dir.glob("model*.safetensors"), out_dir / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)
+    limit = max(1, _parse_size(max_shard_size))
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += n
+    if len(shards) == 1:
+        path = out_dir / "model.safetensors"
+        save_file(shards[0], str(path), metadata={"format": "pt"})
+        return [path]
+    weight_map, paths, total = {}, [], 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        paths.append(out_dir / name)
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return paths

@@ -18,7 +18,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("multitap_rl.commands.demo", "score and rerank captions end to end (tiny offline models by default)"),
     "rerank": ("multitap_rl.commands.rerank", "rank candidate captions for an image (best-of-N)"),
     "score": ("multitap_rl.commands.score", "score image-text pairs with a MULTI-TAP checkpoint"),
+    "train-stage1": ("multitap_rl.commands.train_stage1", "train a MULTI-TAP reward model (stage 1) from a YAML recipe"),
     "tiny": ("multitap_rl.commands.tiny", "write a tiny random base model + MULTI-TAP checkpoint (offline)"),
+    "extract": ("multitap_rl.commands.extract", "write a dataset's features to a resumable feature store (stage 2)"),
+    "fit-heads": ("multitap_rl.commands.fit_heads", "fit ridge heads for named dimensions on extracted features"),
+    "eval": ("multitap_rl.commands.eval", "per-dimension metrics of heads and overall against targets"),
 }
 
 

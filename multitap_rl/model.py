@@ -24,6 +24,7 @@ from .checkpoint import (
     resolve_dir,
     split_checkpoint,
 )
+from .heads import checkpoint_fingerprint
 from .scoring import EngineConfig, FeatureEngine
 
 __all__ = ["MultiTapModel", "ScoreOutput", "default_device", "resolve_dtype"]
@@ -84,6 +85,17 @@ def _chat_template(tokenizer, base_dir: Path) -> str:
     raise CheckpointError(f"base model {base_dir}: no chat template (tokenizer_config or chat_template.json)")
 
 
+def _backbone_options(options) -> dict:
+    if options is None:
+        return {}
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise TypeError(f"backbone_options must be a dict of keyword arguments, got {type(options).__name__}")
+    reserved = {"rope", "image_size", "max_length"} & options.keys()
+    if reserved:
+        raise ValueError(f"pass {sorted(reserved)} as arguments of their own, not in backbone_options")
+    return dict(options)
+
+
 class MultiTapModel(nn.Module):
     """Scores image-text pairs with MULTI-TAP.
 
@@ -116,6 +128,7 @@ class MultiTapModel(nn.Module):
         engine: EngineConfig | None = None,
         revision: str | None = None,
         trust_legacy_heads: bool = False,
+        backbone_options: dict | None = None,
     ) -> MultiTapModel:
         """Load a MULTI-TAP checkpoint onto its backbone.
 
@@ -132,6 +145,8 @@ class MultiTapModel(nn.Module):
             max_length: truncate prompts to this many tokens as the reference does (None: never).
             image_size: images are resized to ``image_size`` squared (reference: 560).
             engine: batching options (token budget, image/prefix sharing).
+            backbone_options: extra keyword arguments of the backbone adapter, e.g.
+                ``{"pad_token": "<|eot_id|>"}`` for Llama-3.2-Vision (see ``backbones/mllama.py``).
         """
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
         from transformers.initialization import no_init_weights
@@ -139,6 +154,9 @@ class MultiTapModel(nn.Module):
         # 1. Locate the checkpoint and the base model.
         ckpt_dir = resolve_dir(checkpoint, what="checkpoint", allow_patterns=CHECKPOINT_FILES, revision=revision)
         meta = read_multitap_config(ckpt_dir)
+        for key, value in (("image_size", image_size), ("max_length", max_length)):
+            if meta.get(key, value) != value:  # scores change with these: say so
+                logger.warning("checkpoint was trained with %s=%s but is loaded with %s=%s", key, meta[key], key, value)
         base = base_model or meta.get("base_model") or KNOWN_CHECKPOINTS.get(os.fspath(checkpoint))
         if base is None:
             raise CheckpointError(
@@ -164,6 +182,7 @@ class MultiTapModel(nn.Module):
             module = backbone_cls.build_module(config, dtype=dt)
         load_strict(module, backbone_sd, where)
         module.eval().requires_grad_(False)
+        fingerprint = checkpoint_fingerprint(backbone_sd, head_sd)  # cheap: tensors already in memory
         del backbone_sd
 
         # 3. Tokenizer, image processor, chat template from the base model.
@@ -172,6 +191,7 @@ class MultiTapModel(nn.Module):
         backbone = backbone_cls(
             module, tokenizer, image_processor, _chat_template(tokenizer, base_dir),
             rope=rope or meta.get("rope", "reference"), image_size=image_size, max_length=max_length,
+            **_backbone_options(backbone_options),
         )
 
         # 4. Reward head (float32: the sigmoid sees full-precision logits).
@@ -186,14 +206,161 @@ class MultiTapModel(nn.Module):
         head.requires_grad_(False)
 
         info = {"checkpoint": os.fspath(checkpoint), "base_model": os.fspath(base), "family": backbone_cls.family,
-                "checkpoint_dir": str(ckpt_dir)}
+                "checkpoint_dir": str(ckpt_dir), "fingerprint": fingerprint}
         model = cls(backbone, head, engine=engine, info=info).eval()
         if heads is not None:
             model.load_heads(heads, trust_legacy=trust_legacy_heads)
         return model
 
-    def load_heads(self, path, trust_legacy: bool = False) -> None:
-        raise NotImplementedError("stage-2 heads are not available yet")
+    @classmethod
+    def from_base_model(
+        cls,
+        base_model: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        rope: str = "reference",
+        max_length: int | None = 1024,
+        image_size: int | None = 560,
+        engine: EngineConfig | None = None,
+        revision: str | None = None,
+        seed: int = 0,
+        backbone_options: dict | None = None,
+    ) -> MultiTapModel:
+        """A new MULTI-TAP model to train: the base LVLM's own weights and a fresh reward head.
+
+        The head is initialised as the reference does: weight ~ N(0, 1/(H+1)) (seeded by
+        ``seed``), bias 0. Weights are read strictly from the base model's safetensors (4.46 or
+        5.x key names; an untied ``lm_head`` is ignored). The model comes back in eval mode with
+        every parameter frozen: training turns on what it trains. Other arguments as
+        :meth:`from_pretrained`.
+        """
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+        from transformers.initialization import no_init_weights
+
+        # 1. Base model: config, then its weights, strictly.
+        base_dir = resolve_dir(base_model, what="base model", allow_patterns=BASE_MODEL_FILES + ["*.safetensors"],
+                               revision=revision)
+        dev = torch.device(device) if device is not None else default_device()
+        dt = resolve_dtype(dtype, dev)
+        try:
+            config = AutoConfig.from_pretrained(base_dir)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"base model {os.fspath(base_model)!r}: cannot read config.json ({exc})") from None
+        backbone_cls = backbone_for(config)
+        where = f"base model {os.fspath(base_model)!r}"
+        state, ignored = backbone_cls.remap_state_dict(read_state_dict(base_dir))
+        if ignored:
+            logger.info("ignoring %s (not needed to score)", ", ".join(ignored))
+        with no_init_weights(), torch.device(dev):
+            module = backbone_cls.build_module(config, dtype=dt)
+        load_strict(module, {k: v.to(dt) for k, v in state.items()}, where)
+        module.eval().requires_grad_(False)
+        del state
+
+        # 2. Tokenizer, image processor, chat template.
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        image_processor = AutoImageProcessor.from_pretrained(base_dir)
+        backbone = backbone_cls(module, tokenizer, image_processor, _chat_template(tokenizer, base_dir),
+                                rope=rope, image_size=image_size, max_length=max_length,
+                                **_backbone_options(backbone_options))
+
+        # 3. Fresh reward head (float32), seeded.
+        hidden = backbone.hidden_size
+        gen = torch.Generator().manual_seed(seed)
+        head = nn.Linear(hidden, 1, device=dev, dtype=torch.float32)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(1, hidden, generator=gen) / (hidden + 1) ** 0.5)
+            head.bias.zero_()
+        head.requires_grad_(False)
+        local = Path(os.fspath(base_model)).expanduser()
+        name = str(local.resolve()) if local.is_dir() else os.fspath(base_model)
+        info = {"checkpoint": None, "base_model": name, "family": backbone_cls.family, "checkpoint_dir": None}
+        return cls(backbone, head, engine=engine, info=info).eval()
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        layout: str = "multitap",
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        max_shard_size: int | str = "5GB",
+        extra_metadata: dict | None = None,
+    ) -> Path:
+        """Write the backbone and reward head so that :meth:`from_pretrained` loads them back.
+
+        Args:
+            save_directory: created if needed; weight files already there are replaced.
+            layout: ``"multitap"`` -- ``backbone_model.*`` in current transformers key names; or
+                ``"released"`` -- the released MULTI-TAP layout (transformers 4.46 key names, tied
+                ``lm_head`` absent, ``config.json`` of ``VLMRewardModel``), loadable by the
+                reference code too. Both write ``multitap_config.json`` (base model, backbone
+                family, rope, image size, max length), so ``base_model=`` is optional on load.
+            state_dict: this module's state dict to write instead of ``self.state_dict()`` (e.g.
+                gathered from a distributed run); keys ``backbone.model.*`` and ``reward_head.*``.
+            max_shard_size: bytes (or "500MB", "5GB"); more than one shard writes an index.
+            extra_metadata: merged into ``multitap_config.json`` (e.g. training summary).
+
+        Returns the directory. Stage-2 heads are not written here.
+        """
+        from .checkpoint import save_sharded
+
+        # 1. Split this module's state into backbone and head; refuse unmerged adapters.
+        if layout not in ("multitap", "released"):
+            raise ValueError(f"layout must be 'multitap' or 'released', got {layout!r}")
+        state = self.state_dict() if state_dict is None else state_dict
+        prefix = "backbone.model."
+        backbone_sd = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        head_sd = {k[len("reward_head.") :]: v for k, v in state.items() if k.startswith("reward_head.")}
+        if not backbone_sd or set(head_sd) != {"weight", "bias"}:
+            raise ValueError("state_dict must hold backbone.model.* and reward_head.{weight,bias}")
+        lora = [k for k in backbone_sd if "lora_" in k or ".base_layer." in k]
+        if lora:
+            raise ValueError(
+                f"state holds unmerged LoRA weights ({lora[0]!r}, ...): merge them first "
+                "(multitap_rl.training.merge_lora_state_dict)"
+            )
+        # 2. Key names of the chosen layout.
+        out = {f"backbone_model.{k}": v for k, v in type(self.backbone).export_state_dict(backbone_sd, layout).items()}
+        out.update({f"reward_head.{k}": v.float() for k, v in head_sd.items()})
+        # 3. Weights (sharded above max_shard_size), then metadata.
+        path = Path(os.fspath(save_directory))
+        save_sharded(out, path, max_shard_size=max_shard_size)
+        meta = {
+            "format": "multitap-rl",
+            "format_version": 1,
+            "layout": layout,
+            "family": type(self.backbone).family,
+            "base_model": self.info.get("base_model"),
+            "rope": getattr(self.backbone, "rope", "reference"),
+            "image_size": getattr(self.backbone, "image_size", None),
+            "max_length": getattr(self.backbone, "max_length", None),
+            "hidden_size": self.hidden_size,
+            **(extra_metadata or {}),
+        }
+        (path / "multitap_config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if layout == "released":
+            dtype = str(next(iter(backbone_sd.values())).dtype).replace("torch.", "")
+            cfg = {"architectures": ["VLMRewardModel"], "torch_dtype": dtype, "transformers_version": "4.46.1"}
+            (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        else:
+            (path / "config.json").unlink(missing_ok=True)
+        return path
+
+    def load_heads(self, path, trust_legacy: bool = False, *, strict: bool = True) -> None:
+        """Attach stage-2 heads (a directory from ``fit-heads``, or a :class:`~multitap_rl.heads.RidgeHeads`);
+        ``score()`` then fills ``.dims``. Heads fit on another hidden size, or (``strict``) on
+        another checkpoint's features, raise ``HeadsError``. A legacy pickle loads only with
+        ``trust_legacy=True`` (unpickling runs code from the file)."""
+        from .heads import RidgeHeads
+
+        heads = path if isinstance(path, RidgeHeads) else RidgeHeads.load(path, trust_legacy=trust_legacy)
+        where = "heads" if isinstance(path, RidgeHeads) else f"heads {os.fspath(path)!r}"
+        settings = {k: getattr(self.backbone, k, None) for k in ("rope", "image_size", "max_length")}
+        heads.check_compatible(self.hidden_size, self.info.get("fingerprint"), where=where, strict=strict,
+                               settings=settings)
+        self.heads = heads
+        self.info["heads"] = None if isinstance(path, RidgeHeads) else os.fspath(path)
 
     # -- scoring ---------------------------------------------------------------------------------
     @property

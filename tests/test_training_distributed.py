@@ -1,0 +1,115 @@
+"""A 2-process accelerate run on CPU (gloo) through the CLI: it completes, resumes, and equals the
+single-process run with the same global batch (gradients are averaged across the processes)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate")
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "stage1" / "tiny_shapes.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd, out: Path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout[proc.stdout.index("{\n"):])  # deepspeed may print a warning line first
+
+
+def _args(base, out, batch):
+    return ["train-stage1", str(RECIPE), f"model.base_model={base}", "model.image_size=56", f"train.output_dir={out}",
+            "train.max_steps=6", "train.save_every=3", "train.save_total_limit=null", "train.progress=false",
+            f"train.batch_size={batch}", "data.dataset_kwargs.n_train=32", "data.dataset_kwargs.n_eval=10"]
+
+
+def _launch(base, out, batch=2):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
+           "-m", "multitap_rl.cli", *_args(base, out, batch)]
+    return _run(cmd, out)
+
+
+def _weights(ckpt: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "trainable.safetensors"))
+
+
+def test_two_cpu_processes_complete_resume_and_match_one_process(tiny_dirs, tmp_path):
+    base, _ = tiny_dirs
+    two = tmp_path / "two"
+    res = _launch(base, two)
+    assert res["global_step"] == 6 and res["metrics"]["n"] == 10  # every eval row once, none twice
+    state = json.loads((two / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    assert all((two / "checkpoint-6" / f"rng-{rank}.safetensors").is_file() for rank in (0, 1))
+    assert (two / "model").is_dir() and (two / "model-released").is_dir()
+
+    # 2 processes x batch 2 == 1 process x batch 4: same data, gradients averaged across processes
+    one = tmp_path / "one"
+    single = _run([sys.executable, "-m", "multitap_rl.cli", *_args(base, one, 4)], one)
+    a, b = _weights(two / "checkpoint-6"), _weights(one / "checkpoint-6")
+    start = _weights(two / "checkpoint-3")
+    assert max((a[k] - start[k]).abs().max() for k in a) > 1e-3  # it trained
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=0), k
+    assert single["metrics"]["mse"] == pytest.approx(res["metrics"]["mse"], abs=1e-4)
+
+    # interrupted after step 3: the 2-process run resumes there and ends where it ended before
+    again = tmp_path / "again"
+    shutil.copytree(two / "checkpoint-3", again / "checkpoint-3")
+    resumed = _launch(base, again)
+    assert resumed["resumed_from"] == 3 and resumed["global_step"] == 6
+    c = _weights(again / "checkpoint-6")
+    for k in a:
+        assert torch.allclose(a[k], c[k], atol=1e-6, rtol=0), k
+
+
+def test_deepspeed_zero3_on_cpu_trains_resumes_and_matches_plain(tiny_dirs, tmp_path):
+    """DeepSpeed ZeRO-3 in one CPU process (accelerate cannot start multi-process DeepSpeed without
+    GPUs): the same numbers as the plain run, resumable from its own checkpoint format."""
+    pytest.importorskip("deepspeed")
+    from multitap_rl import MultiTapModel
+    from multitap_rl.testing import make_image
+
+    base, _ = tiny_dirs
+
+    def args(out):
+        return [*_args(base, out, 2)[:-2], "data.dataset_kwargs.n_train=16", "data.dataset_kwargs.n_eval=4",
+                "train.max_steps=4", "train.save_every=2", "train.mixed_precision=no"]
+
+    def ds(out):
+        return _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                     str(ROOT / "recipes" / "accelerate" / "zero3.yaml"), "--num_processes", "1",
+                     "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+                     "-m", "multitap_rl.cli", *args(out)], out)
+
+    zero = ds(tmp_path / "zero3")
+    assert (tmp_path / "zero3" / "checkpoint-4" / "pytorch_model").is_dir()  # DeepSpeed's own checkpoint
+    again = tmp_path / "again"
+    shutil.copytree(tmp_path / "zero3" / "checkpoint-2", again / "checkpoint-2")
+    resumed = ds(again)
+    assert resumed["resumed_from"] == 2
+    plain = _run([sys.executable, "-m", "multitap_rl.cli", *args(tmp_path / "plain")], tmp_path / "plain")
+    assert zero["metrics"]["mse"] == pytest.approx(plain["metrics"]["mse"], abs=1e-6)
+    imgs, texts = [make_image(i) for i in range(3)], ["a red circle", "a blue square", "a green cross"]
+    models = [MultiTapModel.from_pretrained(r["models"]["released"], device="cpu", image_size=56)
+              for r in (zero, resumed, plain)]
+    scores = [m.score(imgs, texts).overall for m in models]
+    assert torch.allclose(scores[0], scores[1], atol=1e-7, rtol=0)
+    assert torch.allclose(scores[0], scores[2], atol=1e-6, rtol=0)
