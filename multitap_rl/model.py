@@ -96,6 +96,35 @@ def _backbone_options(options) -> dict:
     return dict(options)
 
 
+def _load_backbone(base_dir: Path, base_name, state: dict[str, torch.Tensor], where: str, dev: torch.device,
+                   dt: torch.dtype, *, rope: str, image_size, max_length, backbone_options) -> tuple[Backbone, dict]:
+    """The backbone adapter for ``base_dir``'s config with ``state`` loaded strictly into an
+    uninitialised module (frozen, eval), plus the base model's tokenizer, image processor and chat
+    template. Returns (backbone, ``state`` with keys remapped onto the module)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    try:
+        config = AutoConfig.from_pretrained(base_dir)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"base model {os.fspath(base_name)!r}: cannot read config.json ({exc})") from None
+    backbone_cls = backbone_for(config)
+    state, ignored = backbone_cls.remap_state_dict(state)
+    if ignored:
+        logger.info("ignoring %s (not needed to score)", ", ".join(ignored))
+    with no_init_weights(), torch.device(dev):
+        module = backbone_cls.build_module(config, dtype=dt)
+    load_strict(module, state, where)
+    module.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    image_processor = AutoImageProcessor.from_pretrained(base_dir)
+    backbone = backbone_cls(
+        module, tokenizer, image_processor, _chat_template(tokenizer, base_dir),
+        rope=rope, image_size=image_size, max_length=max_length, **_backbone_options(backbone_options),
+    )
+    return backbone, state
+
+
 class MultiTapModel(nn.Module):
     """Scores image-text pairs with MULTI-TAP.
 
@@ -148,9 +177,6 @@ class MultiTapModel(nn.Module):
             backbone_options: extra keyword arguments of the backbone adapter, e.g.
                 ``{"pad_token": "<|eot_id|>"}`` for Llama-3.2-Vision (see ``backbones/mllama.py``).
         """
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-        from transformers.initialization import no_init_weights
-
         # 1. Locate the checkpoint and the base model.
         ckpt_dir = resolve_dir(checkpoint, what="checkpoint", allow_patterns=CHECKPOINT_FILES, revision=revision)
         meta = read_multitap_config(ckpt_dir)
@@ -167,34 +193,18 @@ class MultiTapModel(nn.Module):
         dev = torch.device(device) if device is not None else default_device()
         dt = resolve_dtype(dtype, dev)
 
-        # 2. Backbone class from the base model's config; weights from the checkpoint, strictly.
-        try:
-            config = AutoConfig.from_pretrained(base_dir)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"base model {base!r}: cannot read config.json ({exc})") from None
-        backbone_cls = backbone_for(config)
+        # 2. Backbone (class from the base model's config, weights from the checkpoint, strictly),
+        #    tokenizer, image processor and chat template from the base model.
         where = f"checkpoint {os.fspath(checkpoint)!r}"
         backbone_sd, head_sd = split_checkpoint(read_state_dict(ckpt_dir), where)
-        backbone_sd, ignored = backbone_cls.remap_state_dict(backbone_sd)
-        if ignored:
-            logger.info("ignoring %s (not needed to score)", ", ".join(ignored))
-        with no_init_weights(), torch.device(dev):
-            module = backbone_cls.build_module(config, dtype=dt)
-        load_strict(module, backbone_sd, where)
-        module.eval().requires_grad_(False)
+        backbone, backbone_sd = _load_backbone(
+            base_dir, base, backbone_sd, where, dev, dt, rope=rope or meta.get("rope", "reference"),
+            image_size=image_size, max_length=max_length, backbone_options=backbone_options,
+        )
         fingerprint = checkpoint_fingerprint(backbone_sd, head_sd)  # cheap: tensors already in memory
         del backbone_sd
 
-        # 3. Tokenizer, image processor, chat template from the base model.
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        image_processor = AutoImageProcessor.from_pretrained(base_dir)
-        backbone = backbone_cls(
-            module, tokenizer, image_processor, _chat_template(tokenizer, base_dir),
-            rope=rope or meta.get("rope", "reference"), image_size=image_size, max_length=max_length,
-            **_backbone_options(backbone_options),
-        )
-
-        # 4. Reward head (float32: the sigmoid sees full-precision logits).
+        # 3. Reward head (float32: the sigmoid sees full-precision logits).
         hidden = backbone.hidden_size
         if tuple(head_sd["weight"].shape) != (1, hidden) or tuple(head_sd["bias"].shape) != (1,):
             raise CheckpointError(
@@ -205,7 +215,7 @@ class MultiTapModel(nn.Module):
         head.load_state_dict({k: v.float() for k, v in head_sd.items()})
         head.requires_grad_(False)
 
-        info = {"checkpoint": os.fspath(checkpoint), "base_model": os.fspath(base), "family": backbone_cls.family,
+        info = {"checkpoint": os.fspath(checkpoint), "base_model": os.fspath(base), "family": backbone.family,
                 "checkpoint_dir": str(ckpt_dir), "fingerprint": fingerprint}
         model = cls(backbone, head, engine=engine, info=info).eval()
         if heads is not None:
@@ -235,37 +245,17 @@ class MultiTapModel(nn.Module):
         every parameter frozen: training turns on what it trains. Other arguments as
         :meth:`from_pretrained`.
         """
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-        from transformers.initialization import no_init_weights
-
-        # 1. Base model: config, then its weights, strictly.
+        # 1. Base model: its own weights (strictly), tokenizer, image processor, chat template.
         base_dir = resolve_dir(base_model, what="base model", allow_patterns=BASE_MODEL_FILES + ["*.safetensors"],
                                revision=revision)
         dev = torch.device(device) if device is not None else default_device()
         dt = resolve_dtype(dtype, dev)
-        try:
-            config = AutoConfig.from_pretrained(base_dir)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"base model {os.fspath(base_model)!r}: cannot read config.json ({exc})") from None
-        backbone_cls = backbone_for(config)
-        where = f"base model {os.fspath(base_model)!r}"
-        state, ignored = backbone_cls.remap_state_dict(read_state_dict(base_dir))
-        if ignored:
-            logger.info("ignoring %s (not needed to score)", ", ".join(ignored))
-        with no_init_weights(), torch.device(dev):
-            module = backbone_cls.build_module(config, dtype=dt)
-        load_strict(module, {k: v.to(dt) for k, v in state.items()}, where)
-        module.eval().requires_grad_(False)
-        del state
+        backbone, _ = _load_backbone(
+            base_dir, base_model, read_state_dict(base_dir), f"base model {os.fspath(base_model)!r}", dev, dt,
+            rope=rope, image_size=image_size, max_length=max_length, backbone_options=backbone_options,
+        )
 
-        # 2. Tokenizer, image processor, chat template.
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        image_processor = AutoImageProcessor.from_pretrained(base_dir)
-        backbone = backbone_cls(module, tokenizer, image_processor, _chat_template(tokenizer, base_dir),
-                                rope=rope, image_size=image_size, max_length=max_length,
-                                **_backbone_options(backbone_options))
-
-        # 3. Fresh reward head (float32), seeded.
+        # 2. Fresh reward head (float32), seeded.
         hidden = backbone.hidden_size
         gen = torch.Generator().manual_seed(seed)
         head = nn.Linear(hidden, 1, device=dev, dtype=torch.float32)
@@ -275,7 +265,7 @@ class MultiTapModel(nn.Module):
         head.requires_grad_(False)
         local = Path(os.fspath(base_model)).expanduser()
         name = str(local.resolve()) if local.is_dir() else os.fspath(base_model)
-        info = {"checkpoint": None, "base_model": name, "family": backbone_cls.family, "checkpoint_dir": None}
+        info = {"checkpoint": None, "base_model": name, "family": backbone.family, "checkpoint_dir": None}
         return cls(backbone, head, engine=engine, info=info).eval()
 
     def save_pretrained(
