@@ -19,7 +19,23 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["MAX_LENGTH", "ReferenceScorer"]
+__all__ = ["MAX_LENGTH", "ReferenceScorer", "stage_backbone"]
+
+
+def stage_backbone(base_dir: Path, reward_dir: Path, workdir: Path) -> dict[str, torch.Tensor]:
+    """Write the released checkpoint's ``backbone_model.*`` weights (4.46 key names) next to the
+    base model's config in ``workdir``, for transformers' own ``from_pretrained`` to load; return
+    the checkpoint's full state (for the reward head)."""
+    base_dir, reward_dir, workdir = Path(base_dir), Path(reward_dir), Path(workdir)
+    index = json.loads((reward_dir / "model.safetensors.index.json").read_text())
+    state = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        state.update(load_file(str(reward_dir / shard)))
+    backbone = {k[len("backbone_model."):]: v for k, v in state.items() if k.startswith("backbone_model.")}
+    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(base_dir / "config.json", workdir / "config.json")
+    save_file(backbone, str(workdir / "model.safetensors"), metadata={"format": "pt"})
+    return state
 
 MAX_LENGTH = 1024
 
@@ -28,15 +44,8 @@ class ReferenceScorer:
     def __init__(self, base_dir: Path, reward_dir: Path, workdir: Path):
         from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
 
-        base_dir, reward_dir, workdir = Path(base_dir), Path(reward_dir), Path(workdir)
-        index = json.loads((reward_dir / "model.safetensors.index.json").read_text())
-        state = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            state.update(load_file(str(reward_dir / shard)))
-        backbone = {k[len("backbone_model."):]: v for k, v in state.items() if k.startswith("backbone_model.")}
-        workdir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(base_dir / "config.json", workdir / "config.json")
-        save_file(backbone, str(workdir / "model.safetensors"), metadata={"format": "pt"})
+        base_dir, workdir = Path(base_dir), Path(workdir)
+        state = stage_backbone(base_dir, reward_dir, workdir)
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(workdir, dtype=torch.float32).eval()
         self.head = torch.nn.Linear(self.model.config.text_config.hidden_size, 1)
         self.head.load_state_dict({"weight": state["reward_head.weight"], "bias": state["reward_head.bias"]})

@@ -18,12 +18,11 @@ as ``multitap_rl.testing.MllamaReferenceScorer``.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from ._reference import stage_backbone
 
 __all__ = ["MllamaReferenceScorer"]
 
@@ -33,15 +32,8 @@ class MllamaReferenceScorer:
                  pad_token: str | None = None, padding_side: str | None = None, image_size: int | None = 560):
         from transformers import AutoProcessor, MllamaForConditionalGeneration
 
-        base_dir, reward_dir, workdir = Path(base_dir), Path(reward_dir), Path(workdir)
-        index = json.loads((reward_dir / "model.safetensors.index.json").read_text())
-        state = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            state.update(load_file(str(reward_dir / shard)))
-        backbone = {k[len("backbone_model."):]: v for k, v in state.items() if k.startswith("backbone_model.")}
-        workdir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(base_dir / "config.json", workdir / "config.json")
-        save_file(backbone, str(workdir / "model.safetensors"), metadata={"format": "pt"})
+        base_dir, workdir = Path(base_dir), Path(workdir)
+        state = stage_backbone(base_dir, reward_dir, workdir)
         model, info = MllamaForConditionalGeneration.from_pretrained(workdir, dtype=torch.float32,
                                                                       output_loading_info=True)
         bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from ._tiny_io import save_sharded_fixed, write_json, write_tiny_reward_checkpoint
+
 __all__ = [
     "LLAMA3_SPECIAL_TOKENS",
     "LLAMA32_VISION_CHAT_TEMPLATE",
@@ -107,10 +109,6 @@ _PREPROCESSOR_CONFIG = {
 _SUPPORTED_ASPECT_RATIOS = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 def _build_tokenizer(seed: int, bpe_size: int = 500):
     """Byte-level BPE trained on generated text + the Llama 3 specials + ``<|image|>``; returns
     (tokenizers.Tokenizer, number of BPE tokens)."""
@@ -151,7 +149,7 @@ def _write_tokenizer(out: Path, tok) -> None:
                                   "single_word": False, "special": True}
         for t in LLAMA3_SPECIAL_TOKENS + [IMAGE_TOKEN]
     }
-    _write_json(out / "tokenizer_config.json", {
+    write_json(out / "tokenizer_config.json", {
         "added_tokens_decoder": added,
         "bos_token": "<|begin_of_text|>",
         "chat_template": LLAMA32_VISION_CHAT_TEMPLATE,
@@ -163,7 +161,7 @@ def _write_tokenizer(out: Path, tok) -> None:
         "processor_class": "MllamaProcessor",
         "tokenizer_class": "PreTrainedTokenizerFast",
     })
-    _write_json(out / "special_tokens_map.json", {
+    write_json(out / "special_tokens_map.json", {
         name: {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
         for name, content in (("bos_token", "<|begin_of_text|>"), ("eos_token", "<|eot_id|>"),
                               ("pad_token", "<|finetune_right_pad_id|>"))
@@ -251,7 +249,6 @@ def build_tiny_mllama(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a random tiny Mllama base model (hub 4.45/4.46 snapshot layout) to ``out_dir``."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
-    from .testing import _save_sharded
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,14 +256,14 @@ def build_tiny_mllama(out_dir: str | Path, seed: int = 0) -> Path:
     # 1. Tokenizer (trained locally), chat template, image processor config.
     tok, n_bpe = _build_tokenizer(seed)
     _write_tokenizer(out, tok)
-    _write_json(out / "chat_template.json", {"chat_template": LLAMA32_VISION_CHAT_TEMPLATE})
-    _write_json(out / "preprocessor_config.json", _PREPROCESSOR_CONFIG)
+    write_json(out / "chat_template.json", {"chat_template": LLAMA32_VISION_CHAT_TEMPLATE})
+    write_json(out / "preprocessor_config.json", _PREPROCESSOR_CONFIG)
 
     # 2. Config (4.4x layout) and generation config.
     cfg = tiny_mllama_config(n_bpe)
-    _write_json(out / "config.json", cfg)
+    write_json(out / "config.json", cfg)
     text = cfg["text_config"]
-    _write_json(out / "generation_config.json", {
+    write_json(out / "generation_config.json", {
         "bos_token_id": text["bos_token_id"], "do_sample": True, "eos_token_id": text["eos_token_id"],
         "pad_token_id": text["pad_token_id"], "temperature": 0.6, "top_p": 0.9, "transformers_version": "4.46.1",
     })
@@ -279,36 +276,14 @@ def build_tiny_mllama(out_dir: str | Path, seed: int = 0) -> Path:
         for name, param in model.named_parameters():
             if name.endswith(("gate", "_gate")):
                 param.copy_(torch.empty(param.shape).uniform_(0.5, 1.5, generator=gen))
-    _save_sharded(_legacy_state_dict(model), out, n_shards=1)
+    save_sharded_fixed(_legacy_state_dict(model), out, n_shards=1)
     return out
 
 
 def build_tiny_mllama_multitap(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     """Write ``out_dir/base`` (tiny Mllama base model) and ``out_dir/reward`` (a released-layout
     MULTI-TAP checkpoint: the base weights plus seeded noise, and a reward head)."""
-    from safetensors.torch import load_file
-
-    from .testing import _save_sharded
-
     out = Path(out_dir)
     base = build_tiny_mllama(out / "base", seed=seed)
-    reward = out / "reward"
-    reward.mkdir(parents=True, exist_ok=True)
-
-    index = json.loads((base / "model.safetensors.index.json").read_text())
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        state.update(load_file(str(base / shard)))
-    gen = torch.Generator().manual_seed(seed + 1)
-    ckpt = {}
-    for key in sorted(state):
-        value = state[key]
-        noise = torch.randn(value.shape, generator=gen, dtype=torch.float32) * 0.01
-        ckpt[f"backbone_model.{key}"] = (value.float() + noise).to(value.dtype).contiguous()
     hidden = json.loads((base / "config.json").read_text())["text_config"]["hidden_size"]
-    ckpt["reward_head.weight"] = torch.randn(1, hidden, generator=gen) / (hidden + 1) ** 0.5 * 4.0
-    ckpt["reward_head.bias"] = torch.zeros(1)
-    _save_sharded(ckpt, reward, n_shards=2)
-    _write_json(reward / "config.json", {"architectures": ["VLMRewardModel"], "torch_dtype": "float32",
-                                         "transformers_version": "4.46.1"})
-    return base, reward
+    return base, write_tiny_reward_checkpoint(base, out / "reward", seed, hidden)

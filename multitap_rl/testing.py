@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ._tiny_io import save_sharded_fixed, write_json, write_tiny_reward_checkpoint
+
 __all__ = [
     "LLAMA32_VISION_CHAT_TEMPLATE",
     "MllamaReferenceScorer",
@@ -220,10 +222,6 @@ _PREPROCESSOR_CONFIG = {
 }
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 def _write_hub_tokenizer_config(out: Path, tokenizer) -> None:
     """Replace the transformers-5 tokenizer_config.json with the 4.4x hub form (loads in both)."""
     for extra in ("chat_template.jinja", "special_tokens_map.json"):
@@ -235,7 +233,7 @@ def _write_hub_tokenizer_config(out: Path, tokenizer) -> None:
         }
         for t in QWEN_SPECIAL_TOKENS
     }
-    _write_json(out / "tokenizer_config.json", {
+    write_json(out / "tokenizer_config.json", {
         "add_prefix_space": False,
         "added_tokens_decoder": added,
         "additional_special_tokens": [t for t in QWEN_SPECIAL_TOKENS if t != "<|endoftext|>"],
@@ -267,23 +265,6 @@ def _legacy_qwen2_vl_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _save_sharded(state: dict[str, torch.Tensor], out_dir: Path, n_shards: int) -> None:
-    from safetensors.torch import save_file
-
-    keys = sorted(state)
-    per = -(-len(keys) // n_shards)
-    weight_map = {}
-    total = 0
-    for i in range(n_shards):
-        chunk = keys[i * per : (i + 1) * per]
-        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        save_file({k: state[k] for k in chunk}, str(out_dir / name), metadata={"format": "pt"})
-        for k in chunk:
-            weight_map[k] = name
-            total += state[k].numel() * state[k].element_size()
-    _write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-
-
 def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Write a random Qwen2-VL base model (hub 4.4x snapshot layout) to ``out_dir``; return it."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -295,15 +276,15 @@ def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, size: str = "tiny") 
     tokenizer = _build_tokenizer(seed)
     tokenizer.save_pretrained(out)
     _write_hub_tokenizer_config(out, tokenizer)
-    _write_json(out / "chat_template.json", {"chat_template": QWEN2_VL_CHAT_TEMPLATE})
-    _write_json(out / "preprocessor_config.json", _PREPROCESSOR_CONFIG)
+    write_json(out / "chat_template.json", {"chat_template": QWEN2_VL_CHAT_TEMPLATE})
+    write_json(out / "preprocessor_config.json", _PREPROCESSOR_CONFIG)
 
     # 2. Config in the 4.4x flat layout; vocab padded to a multiple of 64 as Qwen does.
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     vocab = -(-len(tokenizer) // 64) * 64
     cfg = tiny_qwen2_vl_config(ids, vocab, size=size)
-    _write_json(out / "config.json", cfg)
-    _write_json(
+    write_json(out / "config.json", cfg)
+    write_json(
         out / "generation_config.json",
         {"bos_token_id": cfg["bos_token_id"], "eos_token_id": [cfg["eos_token_id"], cfg["bos_token_id"]],
          "pad_token_id": cfg["bos_token_id"], "do_sample": True, "temperature": 1.0, "top_k": 1,
@@ -313,41 +294,17 @@ def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, size: str = "tiny") 
     # 3. Random weights, seeded, saved with the 4.46 key names.
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_pretrained(out)).float()
-    _save_sharded(_legacy_qwen2_vl_state_dict(model), out, n_shards=1)
+    save_sharded_fixed(_legacy_qwen2_vl_state_dict(model), out, n_shards=1)
     return out
 
 
 def build_tiny_multitap(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> tuple[Path, Path]:
-    """Write ``out_dir/base`` (base model) and ``out_dir/reward`` (released-layout checkpoint).
-
-    The reward checkpoint's backbone is the base model's weights perturbed by seeded noise (a
-    fine-tuned model differs from its base), so a loader that silently kept base weights fails
-    the fidelity tests.
-    """
-    from safetensors.torch import load_file
-
+    """Write ``out_dir/base`` (Qwen2-VL base model) and ``out_dir/reward`` (released-layout
+    checkpoint, see :func:`write_tiny_reward_checkpoint`)."""
     out = Path(out_dir)
     base = build_tiny_qwen2_vl(out / "base", seed=seed, size=size)
-    reward = out / "reward"
-    reward.mkdir(parents=True, exist_ok=True)
-
-    index = json.loads((base / "model.safetensors.index.json").read_text())
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        state.update(load_file(str(base / shard)))
-    gen = torch.Generator().manual_seed(seed + 1)
-    ckpt = {}
-    for key in sorted(state):
-        value = state[key]
-        noise = torch.randn(value.shape, generator=gen, dtype=torch.float32) * 0.01
-        ckpt[f"backbone_model.{key}"] = (value.float() + noise).to(value.dtype).contiguous()
     hidden = json.loads((base / "config.json").read_text())["hidden_size"]
-    ckpt["reward_head.weight"] = torch.randn(1, hidden, generator=gen) / (hidden + 1) ** 0.5 * 4.0
-    ckpt["reward_head.bias"] = torch.zeros(1)
-    _save_sharded(ckpt, reward, n_shards=2)
-    _write_json(reward / "config.json", {"architectures": ["VLMRewardModel"], "torch_dtype": "float32",
-                                         "transformers_version": "4.46.1"})
-    return base, reward
+    return base, write_tiny_reward_checkpoint(base, out / "reward", seed, hidden)
 
 
 def make_image(seed: int = 0, size: tuple[int, int] = (64, 48)):
