@@ -24,11 +24,10 @@ import json
 import logging
 import random
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ddpo_t2i import RecordingReward, _prompts, tiny_models  # noqa: E402
+from ddpo_t2i import RecordingReward, _prompts, run_trainer, tiny_models  # noqa: E402
 
 logger = logging.getLogger("alignprop_t2i")
 
@@ -124,30 +123,8 @@ def build(args, workdir: str | Path, reward_fn=None):
 
 
 def run(args, workdir: str | Path | None = None, reward_fn=None) -> dict:
-    import torch
-
-    with tempfile.TemporaryDirectory(prefix="alignprop_t2i_") as tmp:
-        trainer, sd_pipeline, reward = build(args, workdir or tmp, reward_fn=reward_fn)
-        trainable = {n: p.detach().clone() for n, p in sd_pipeline.unet.named_parameters() if p.requires_grad}
-        trainer.train()
-        after = {n: p.detach() for n, p in sd_pipeline.unet.named_parameters() if n in trainable}
-        changed = sum(not torch.equal(after[n], trainable[n]) for n in trainable)
-        # Zero-initialised tensors (LoRA's B) move only through gradients, never by weight decay.
-        zero_init = [n for n, t in trainable.items() if not t.any()]
-        moved = sum(bool(after[n].any()) for n in zero_init)
-        if args.output_dir:
-            sd_pipeline.save_pretrained(args.output_dir)
-    return {
-        "trainable_tensors": len(trainable),
-        "changed_tensors": changed,
-        "zero_init_tensors": len(zero_init),
-        "zero_init_moved": moved,
-        "reward_means": [c["reward_mean"] for c in reward.calls],
-        "image_min": min(c["image_min"] for c in reward.calls),
-        "image_max": max(c["image_max"] for c in reward.calls),
-        "image_shape": reward.calls[-1]["image_shape"],
-        "dims": reward.calls[-1]["dims"],
-    }
+    """Train with AlignProp; return a summary (see ``ddpo_t2i.run_trainer``)."""
+    return run_trainer(build, args, workdir, reward_fn, prefix="alignprop_t2i_")
 
 
 def main(argv=None) -> dict:

@@ -179,12 +179,13 @@ def build(args, workdir: str | Path, reward_fn=None):
     return trainer, sd_pipeline, reward
 
 
-def run(args, workdir: str | Path | None = None, reward_fn=None) -> dict:
-    """Train; return a summary (per-call reward means, image range, trainable parameters changed)."""
+def run_trainer(build_fn, args, workdir: str | Path | None = None, reward_fn=None, prefix: str = "t2i_") -> dict:
+    """Build with ``build_fn``, train; return a summary (per-call reward means, image range,
+    trainable parameters changed). Shared by the DDPO and AlignProp examples."""
     import torch
 
-    with tempfile.TemporaryDirectory(prefix="ddpo_t2i_") as tmp:
-        trainer, sd_pipeline, reward = build(args, workdir or tmp, reward_fn=reward_fn)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        trainer, sd_pipeline, reward = build_fn(args, workdir or tmp, reward_fn=reward_fn)
         trainable = {n: p.detach().clone() for n, p in sd_pipeline.unet.named_parameters() if p.requires_grad}
         trainer.train()
         after = {n: p.detach() for n, p in sd_pipeline.unet.named_parameters() if n in trainable}
@@ -206,6 +207,11 @@ def run(args, workdir: str | Path | None = None, reward_fn=None) -> dict:
         "image_shape": reward.calls[-1]["image_shape"],
         "dims": reward.calls[-1]["dims"],
     }
+
+
+def run(args, workdir: str | Path | None = None, reward_fn=None) -> dict:
+    """Train with DDPO; return a summary (see :func:`run_trainer`)."""
+    return run_trainer(build, args, workdir, reward_fn, prefix="ddpo_t2i_")
 
 
 def main(argv=None) -> dict:
