@@ -110,6 +110,11 @@ class FeatureEngine:
             if self.config.share_images:
                 by_object[id(obj)] = idx
             image_of.append(idx)
+        return prepared, self._requests(prepared, image_of, texts, questions)
+
+    def _requests(self, prepared: list[PreparedImage], image_of: list[int], texts, questions) -> list[Request]:
+        """Sample i uses ``prepared[image_of[i]]``: tokenize it (and its explicit positions)."""
+        bb = self.backbone
         requests = []
         n_trunc = 0
         for i, (text, q) in enumerate(zip(texts, questions)):
@@ -119,7 +124,7 @@ class FeatureEngine:
             requests.append(Request(image=image_of[i], tok=tok, positions=bb.positions(tok, img)))
         if n_trunc:
             logger.warning("%d sample(s) longer than max_length were truncated (as the reference does)", n_trunc)
-        return prepared, requests
+        return requests
 
     # -- 2. model --------------------------------------------------------------------------------
     def features(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None) -> torch.Tensor:
@@ -132,12 +137,8 @@ class FeatureEngine:
         """(N, H) float32 from already prepared images, one per text (e.g. grad-carrying pixel
         values from ``backbone.prepare_pixels``); gradients flow if enabled by the caller."""
         questions = validate_batch(prepared, texts, questions)
-        bb = self.backbone
-        requests = []
-        for i, (img, text, q) in enumerate(zip(prepared, texts, questions)):
-            tok = _tokenize(bb, i, text, q, img)
-            requests.append(Request(image=i, tok=tok, positions=bb.positions(tok, img)))
-        return self.run(list(prepared), requests)
+        prepared = list(prepared)
+        return self.run(prepared, self._requests(prepared, list(range(len(prepared))), texts, questions))
 
     def run(self, prepared: list[PreparedImage], requests: list[Request]) -> torch.Tensor:
         n = len(requests)
