@@ -90,3 +90,17 @@ def test_demo_runs_end_to_end_offline(capsys):
     assert "weights overall=1,color=1,shape=1,position=1" in out
     assert out.count("    1. ") == 3  # a ranking per image
     assert "[4/4] GRPO: 1 steps against the weighted reward" in out
+
+
+def test_score_image_size_and_max_length_options(tiny_dirs, images, tmp_path, capsys):
+    from multitap_rl import MultiTapModel
+
+    base, reward = tiny_dirs
+    images[0].save(tmp_path / "a.png")
+    assert main(["score", *_args(tiny_dirs), "--image", str(tmp_path / "a.png"), "--text", "A red circle.",
+                 "--image-size", "112", "--max-length", "none"]) == 0
+    got = json.loads(capsys.readouterr().out.strip())["overall"]
+    small = MultiTapModel.from_pretrained(reward, base_model=base, device="cpu", image_size=112, max_length=None)
+    assert got == pytest.approx(float(small.score(images[:1], ["A red circle."]).overall[0]), abs=1e-6)
+    with pytest.raises(SystemExit):
+        main(["score", *_args(tiny_dirs), "--image", "x", "--text", "y", "--image-size", "0"])

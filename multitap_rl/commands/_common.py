@@ -18,6 +18,19 @@ def add_model_arguments(p: argparse.ArgumentParser, *, heads: bool = True) -> No
     p.add_argument("--device", default=None, help="torch device (default: this process's GPU, else cpu)")
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--rope", default=None, choices=["reference", "mrope"], help="position scheme (default: reference)")
+    p.add_argument("--image-size", type=_optional_int, default=560,
+                   help="resize images to this square size before the processor (reference: 560; 'none': keep)")
+    p.add_argument("--max-length", type=_optional_int, default=1024,
+                   help="truncate prompts to this many tokens as the reference does (default 1024; 'none': never)")
+
+
+def _optional_int(value: str) -> int | None:
+    if value.lower() in ("none", "null"):
+        return None
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 or 'none', got {value}")
+    return n
 
 
 def load_model(args):
@@ -25,7 +38,7 @@ def load_model(args):
 
     return MultiTapModel.from_pretrained(
         args.checkpoint, base_model=args.base_model, heads=getattr(args, "heads", None),
-        device=args.device, dtype=args.dtype, rope=args.rope,
+        device=args.device, dtype=args.dtype, rope=args.rope, image_size=args.image_size, max_length=args.max_length,
     )
 
 
