@@ -143,7 +143,13 @@ class _Base:
         return out
 
     def __getstate__(self):
-        return dict(self.__dict__)  # only the spec and small settings: the model stays per process
+        # only the spec and small settings travel: the model stays per process
+        model = get_scorer(self.spec)._model
+        if self.spec.heads is None and getattr(model, "heads", None) is not None:
+            logger.warning("%s: the model's stage-2 heads were given as an object, not a directory; another "
+                           "process cannot reload them (save them with heads.save(dir) and pass heads=dir)",
+                           getattr(self, "__name__", type(self).__name__))
+        return dict(self.__dict__)
 
 
 def _dimension_names(spec: ScorerSpec, model) -> tuple[tuple[str, ...], dict]:
