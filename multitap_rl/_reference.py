@@ -19,7 +19,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["MAX_LENGTH", "ReferenceScorer", "stage_backbone"]
+__all__ = ["MAX_LENGTH", "ReferenceScorer", "prepare_input_messages", "stage_backbone"]
+
+
+def prepare_input_messages(text: str, question: str | None = None) -> list[dict]:
+    """The chat messages of the reference's ``prepare_input`` (multi_objective_train.py), written
+    out here independently of the library's backbones: caption task = user "Describe this
+    image." + assistant [image, text]; instruction task = one assistant turn [question, image, text]."""
+    if question is not None:
+        return [{"role": "assistant", "content": [{"type": "text", "text": question},
+                                                  {"type": "image"}, {"type": "text", "text": text}]}]
+    return [{"role": "user", "content": [{"type": "text", "text": "Describe this image."}]},
+            {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 
 def stage_backbone(base_dir: Path, reward_dir: Path, workdir: Path) -> dict[str, torch.Tensor]:
@@ -53,12 +64,7 @@ class ReferenceScorer:
         self.image_processor = AutoImageProcessor.from_pretrained(base_dir)
 
     def inputs(self, image, text, question=None):
-        if question is not None:
-            messages = [{"role": "assistant", "content": [{"type": "text", "text": question},
-                                                          {"type": "image"}, {"type": "text", "text": text}]}]
-        else:
-            messages = [{"role": "user", "content": [{"type": "text", "text": "Describe this image."}]},
-                        {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        messages = prepare_input_messages(text, question)
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False)
         image = image.convert("RGB").resize((560, 560))
         pix = self.image_processor(images=image, return_tensors="pt")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ._reference import stage_backbone
+from ._reference import prepare_input_messages, stage_backbone
 
 __all__ = ["MllamaReferenceScorer"]
 
@@ -54,12 +54,7 @@ class MllamaReferenceScorer:
         self.image_size = image_size  # the reference: 560 (None: no resize, for tests of other tile layouts)
 
     def inputs(self, image, text, question=None):
-        if question is not None:
-            messages = [{"role": "assistant", "content": [{"type": "text", "text": question},
-                                                          {"type": "image"}, {"type": "text", "text": text}]}]
-        else:
-            messages = [{"role": "user", "content": [{"type": "text", "text": "Describe this image."}]},
-                        {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        messages = prepare_input_messages(text, question)
         prompt = self.processor.apply_chat_template(messages, tokenize=False)
         image = image.convert("RGB")
         if self.image_size is not None:
