@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import tempfile
-import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from _timing import median_seconds  # noqa: E402
 
 from multitap_rl import EngineConfig, MultiTapModel  # noqa: E402
 from multitap_rl.testing import ReferenceScorer, build_tiny_multitap, make_image  # noqa: E402
@@ -42,16 +41,6 @@ def grpo_batch(n_prompts: int, g: int, seed: int):
     completions = [[{"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 30)))}]
                    for _ in images]
     return [PROMPT] * len(images), completions, images
-
-
-def per_call(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -81,9 +70,9 @@ def main(argv=None) -> None:
                 def call(fn):  # fresh list objects each call: no cross-call caching
                     return lambda: fn(prompts=list(prompts), completions=list(completions), image=list(images))
 
-                t_share = per_call(call(shared), args.repeats)
-                t_plain = per_call(call(unshared), args.repeats)
-                t_ref = per_call(lambda: [ref.score(im, t) for im, t in zip(images, texts)], 1)
+                t_share = median_seconds(call(shared), args.repeats)
+                t_plain = median_seconds(call(unshared), args.repeats)
+                t_ref = median_seconds(lambda: [ref.score(im, t) for im, t in zip(images, texts)], 1)
                 a = torch.tensor(call(shared)())
                 b = torch.tensor([ref.score(im, t) for im, t in zip(images[:g], texts[:g])])
                 assert torch.allclose(a[:g], b, atol=1e-5), (a[:g], b)

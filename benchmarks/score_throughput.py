@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import tempfile
-import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from _timing import median_seconds  # noqa: E402
 
 from multitap_rl import EngineConfig, MultiTapModel  # noqa: E402
 from multitap_rl.testing import ReferenceScorer, build_tiny_multitap, make_image  # noqa: E402
@@ -34,16 +33,6 @@ WORDS = ("a red blue green small large circle square tree dog cat person sitting
 def captions(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))).capitalize() + "." for _ in range(n)]
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def run_size(size: str, repeats: int) -> list[tuple]:
@@ -60,9 +49,9 @@ def run_size(size: str, repeats: int) -> list[tuple]:
         }
         for name, (imgs, texts) in cases.items():
             n = len(texts)
-            t_ref = timed(lambda: [ref.score(im, t) for im, t in zip(imgs, texts)], max(1, repeats // 2))
-            t_plain = timed(lambda: plain.score(imgs, texts), repeats)
-            t_eng = timed(lambda: model.score(imgs, texts), repeats)
+            t_ref = median_seconds(lambda: [ref.score(im, t) for im, t in zip(imgs, texts)], max(1, repeats // 2))
+            t_plain = median_seconds(lambda: plain.score(imgs, texts), repeats)
+            t_eng = median_seconds(lambda: model.score(imgs, texts), repeats)
             # the engine must agree with the reference on these very inputs
             with torch.inference_mode():
                 got = model.score(imgs[:4], texts[:4]).overall
