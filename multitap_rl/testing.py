@@ -151,11 +151,15 @@ def _build_tokenizer(seed: int, vocab_size: int = 600):
     return fast
 
 
-def tiny_qwen2_vl_config(token_ids: dict[str, int], vocab_size: int, size: str = "tiny") -> dict:
+def tiny_qwen2_vl_config(token_ids: dict[str, int], vocab_size: int, size: str = "tiny",
+                         initializer_range: float = 0.02) -> dict:
     """A Qwen2-VL ``config.json`` in the flat layout transformers 4.4x wrote to the hub.
 
     ``size="tiny"`` is for tests (hidden 64, 2 layers, vision depth 2). ``size="small"`` has
     realistic proportions for benchmarks (hidden 384, 4 layers, vision depth 4, embed 256).
+    ``initializer_range``: std of the random weights (language model and vision tower); Qwen's
+    0.02 suits hidden sizes in the thousands, ~1/sqrt(hidden) keeps a narrow model's signals at
+    the scale a real model's have.
     """
     dims = {
         "tiny": dict(hidden=64, inter=128, layers=2, heads=4, kv=2, v_depth=2, v_embed=32, v_heads=4),
@@ -164,7 +168,7 @@ def tiny_qwen2_vl_config(token_ids: dict[str, int], vocab_size: int, size: str =
     head_dim = dims["hidden"] // dims["heads"]
     half = head_dim // 2
     section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # Qwen's 16/24/24 ratio
-    return {
+    cfg = {
         "architectures": ["Qwen2VLForConditionalGeneration"],
         "attention_dropout": 0.0,
         "bos_token_id": token_ids["<|endoftext|>"],
@@ -176,7 +180,7 @@ def tiny_qwen2_vl_config(token_ids: dict[str, int], vocab_size: int, size: str =
         "video_token_id": token_ids["<|video_pad|>"],
         "hidden_act": "silu",
         "hidden_size": dims["hidden"],
-        "initializer_range": 0.02,
+        "initializer_range": initializer_range,
         "intermediate_size": dims["inter"],
         "max_position_embeddings": 32768,
         "max_window_layers": dims["layers"],
@@ -207,6 +211,9 @@ def tiny_qwen2_vl_config(token_ids: dict[str, int], vocab_size: int, size: str =
         "rope_scaling": {"type": "mrope", "mrope_section": section},
         "vocab_size": vocab_size,
     }
+    if initializer_range != 0.02:  # the default config stays byte-identical to earlier releases
+        cfg["vision_config"]["initializer_range"] = initializer_range
+    return cfg
 
 
 _PREPROCESSOR_CONFIG = {
@@ -265,10 +272,14 @@ def _legacy_qwen2_vl_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
-    """Write a random Qwen2-VL base model (hub 4.4x snapshot layout) to ``out_dir``; return it."""
+def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, size: str = "tiny",
+                        initializer_range: float = 0.02) -> Path:
+    """Write a random Qwen2-VL base model (hub 4.4x snapshot layout) to ``out_dir``; return it.
+    ``initializer_range``: std of the random weights (see :func:`tiny_qwen2_vl_config`)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
+    if not initializer_range > 0:
+        raise ValueError(f"initializer_range must be > 0, got {initializer_range}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -282,7 +293,7 @@ def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, size: str = "tiny") 
     # 2. Config in the 4.4x flat layout; vocab padded to a multiple of 64 as Qwen does.
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     vocab = -(-len(tokenizer) // 64) * 64
-    cfg = tiny_qwen2_vl_config(ids, vocab, size=size)
+    cfg = tiny_qwen2_vl_config(ids, vocab, size=size, initializer_range=initializer_range)
     write_json(out / "config.json", cfg)
     write_json(
         out / "generation_config.json",
@@ -298,11 +309,12 @@ def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, size: str = "tiny") 
     return out
 
 
-def build_tiny_multitap(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> tuple[Path, Path]:
+def build_tiny_multitap(out_dir: str | Path, seed: int = 0, size: str = "tiny",
+                        initializer_range: float = 0.02) -> tuple[Path, Path]:
     """Write ``out_dir/base`` (Qwen2-VL base model) and ``out_dir/reward`` (released-layout
     checkpoint, see :func:`write_tiny_reward_checkpoint`)."""
     out = Path(out_dir)
-    base = build_tiny_qwen2_vl(out / "base", seed=seed, size=size)
+    base = build_tiny_qwen2_vl(out / "base", seed=seed, size=size, initializer_range=initializer_range)
     hidden = json.loads((base / "config.json").read_text())["hidden_size"]
     return base, write_tiny_reward_checkpoint(base, out / "reward", seed, hidden)
 

@@ -82,6 +82,20 @@ def test_console_script_tiny_is_deterministic(tmp_path):
     assert (tmp_path / "a" / "reward" / "model.safetensors.index.json").is_file()
 
 
+def test_tiny_initializer_range_sets_the_weights_std(tmp_path, capsys):
+    from multitap_rl.checkpoint import read_state_dict
+
+    assert main(["tiny", str(tmp_path / "t"), "--initializer-range", "0.125"]) == 0
+    base = tmp_path / "t" / "base"
+    cfg = json.loads((base / "config.json").read_text())
+    assert cfg["initializer_range"] == 0.125 and cfg["vision_config"]["initializer_range"] == 0.125
+    sd = read_state_dict(base)
+    for key in ("model.layers.0.self_attn.q_proj.weight", "visual.blocks.0.attn.qkv.weight"):
+        assert float(sd[key].std()) == pytest.approx(0.125, rel=0.05), key
+    assert main(["tiny", str(tmp_path / "u"), "--initializer-range", "0"]) == 2
+    assert "initializer_range must be > 0" in capsys.readouterr().err
+
+
 @pytest.mark.integration
 def test_demo_runs_end_to_end_offline(capsys):
     assert main(["demo", "--grpo-steps", "1"]) == 0

@@ -90,27 +90,31 @@ def test_training_forward_is_the_scoring_forward(tiny_dirs, tmp_path):
     assert meta["training"]["global_step"] == 3
 
 
-def test_learns_the_shapes_task_well_below_the_constant_predictor(tiny_dirs, tmp_path):
+def test_learns_the_shapes_task_well_below_the_constant_predictor(tmp_path):
     """Captions right or wrong about the shape's colour (scores 1/0, balanced): neither the image
     nor the text alone says anything about the score, so only a model that reads both can beat
-    the constant predictor. A random tiny model sits on a plateau first (how long depends on the
-    seed; this seed leaves it after ~600 steps); training goes on in 300-step chunks, resuming
-    each time, until the validation MSE is below 0.4x the baseline or 1800 steps have run."""
-    base, _ = tiny_dirs
-    before = MultiTapModel.from_base_model(base, device="cpu", image_size=112).state_dict()
+    the constant predictor. The base is built with weights of std 0.125 (~1/sqrt(hidden)): at
+    Qwen's 0.02 a 64-wide random model sits on the baseline plateau for a seed-dependent time
+    (1/3 of seeds got below 0.4x in 1200 steps). At 0.125, sweeping base, head and data seeds
+    together, 28/30 reached < 0.01x the baseline within 300 steps and 30/30 within 350; so the
+    run is resumed for another 300 steps if the first 300 did not get below 0.1x. Same settings
+    as recipes/stage1/tiny_shapes.yaml."""
+    from multitap_rl.testing import build_tiny_qwen2_vl
+
+    base = build_tiny_qwen2_vl(tmp_path / "base", seed=0, initializer_range=0.125)
+    before = MultiTapModel.from_base_model(base, device="cpu", image_size=SMALL).state_dict()
     data = {"dataset_kwargs": {"n_train": 512, "n_eval": 128, "attributes": ["color"],
                                "colors": ["red", "green", "blue"]}}
-    history = []
-    for steps in range(300, 1801, 300):
-        res = train_stage1(_cfg(base, tmp_path, image_size=112, data=data, batch_size=8, max_steps=steps,
-                                learning_rate=3e-4, save_every=300, log_every=50, eval_batch_size=32))
-        history.append(res.metrics["mse_ratio"])
-        if res.metrics["mse_ratio"] < 0.4:
+    for steps in (300, 600):  # the second chunk resumes from the first's checkpoint (history included)
+        res = train_stage1(_cfg(base, tmp_path / "run", data=data, batch_size=32, max_steps=steps, eval_every=100,
+                                save_every=300, log_every=25, eval_batch_size=32))
+        if res.metrics["mse_ratio"] < 0.1:
             break
-    assert res.metrics["mse"] < 0.4 * res.metrics["baseline_mse"], history
+    evals = [(h["step"], h["mse_ratio"]) for h in res.history if "mse_ratio" in h]
     assert res.metrics["baseline_mse"] == pytest.approx(0.25, abs=0.02)
+    assert res.metrics["mse"] < 0.1 * res.metrics["baseline_mse"], evals
     losses = [h["loss"] for h in res.history if "loss" in h]
-    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3  # training loss fell
+    assert sum(losses[-3:]) / 3 < 0.2 * sum(losses[:3]) / 3  # training loss fell
     after = res.model.state_dict()
     for key in ("backbone.model.language_model.layers.0.self_attn.q_proj.weight",
                 "backbone.model.visual.blocks.0.mlp.fc1.weight", "reward_head.weight"):
