@@ -283,8 +283,8 @@ class RidgeHeads:
                          strict: bool = True, settings: Mapping | None = None) -> None:
         """Raise :class:`HeadsError` if the heads were fit on another backbone: a different hidden
         size always; a different checkpoint fingerprint unless ``strict=False`` (then a warning).
-        ``settings`` (``rope``, ``image_size``, ``max_length`` of the scorer) that differ from the
-        ones the features were extracted with change the features: a warning."""
+        ``settings`` (``rope``, ``image_size``, ``max_length``, backbone options of the scorer) that
+        differ from the ones the features were extracted with change the features: a warning."""
         for key, value in (settings or {}).items():
             fit_value = self.fingerprint.get(key)
             if fit_value is not None and value is not None and fit_value != value:

@@ -175,7 +175,8 @@ class MultiTapModel(nn.Module):
             image_size: images are resized to ``image_size`` squared (reference: 560).
             engine: batching options (token budget, image/prefix sharing).
             backbone_options: extra keyword arguments of the backbone adapter, e.g.
-                ``{"pad_token": "<|eot_id|>"}`` for Llama-3.2-Vision (see ``backbones/mllama.py``).
+                ``{"pad_token": "<|eot_id|>"}`` for Llama-3.2-Vision (see ``backbones/mllama.py``);
+                default: those saved in our checkpoint metadata (``save_pretrained`` records them).
         """
         # 1. Locate the checkpoint and the base model.
         ckpt_dir = resolve_dir(checkpoint, what="checkpoint", allow_patterns=CHECKPOINT_FILES, revision=revision)
@@ -199,7 +200,8 @@ class MultiTapModel(nn.Module):
         backbone_sd, head_sd = split_checkpoint(read_state_dict(ckpt_dir), where)
         backbone, backbone_sd = _load_backbone(
             base_dir, base, backbone_sd, where, dev, dt, rope=rope or meta.get("rope", "reference"),
-            image_size=image_size, max_length=max_length, backbone_options=backbone_options,
+            image_size=image_size, max_length=max_length,
+            backbone_options=meta.get("backbone_options") if backbone_options is None else backbone_options,
         )
         fingerprint = checkpoint_fingerprint(backbone_sd, head_sd)  # cheap: tensors already in memory
         del backbone_sd
@@ -285,7 +287,8 @@ class MultiTapModel(nn.Module):
                 ``"released"`` -- the released MULTI-TAP layout (transformers 4.46 key names, tied
                 ``lm_head`` absent, ``config.json`` of ``VLMRewardModel``), loadable by the
                 reference code too. Both write ``multitap_config.json`` (base model, backbone
-                family, rope, image size, max length), so ``base_model=`` is optional on load.
+                family, rope, image size, max length, backbone options), so ``base_model=`` is
+                optional on load and the loaded model reads the same features.
             state_dict: this module's state dict to write instead of ``self.state_dict()`` (e.g.
                 gathered from a distributed run); keys ``backbone.model.*`` and ``reward_head.*``.
             max_shard_size: bytes (or "500MB", "5GB"); more than one shard writes an index.
@@ -326,6 +329,7 @@ class MultiTapModel(nn.Module):
             "image_size": getattr(self.backbone, "image_size", None),
             "max_length": getattr(self.backbone, "max_length", None),
             "hidden_size": self.hidden_size,
+            "backbone_options": self.backbone.options(),
             **(extra_metadata or {}),
         }
         (path / "multitap_config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -347,6 +351,7 @@ class MultiTapModel(nn.Module):
         heads = path if isinstance(path, RidgeHeads) else RidgeHeads.load(path, trust_legacy=trust_legacy)
         where = "heads" if isinstance(path, RidgeHeads) else f"heads {os.fspath(path)!r}"
         settings = {k: getattr(self.backbone, k, None) for k in ("rope", "image_size", "max_length")}
+        settings["backbone_options"] = self.backbone.options() or None
         heads.check_compatible(self.hidden_size, self.info.get("fingerprint"), where=where, strict=strict,
                                settings=settings)
         self.heads = heads

@@ -159,6 +159,20 @@ def test_pad_token_option_is_the_stage1_training_readout(tiny_mllama_dirs, image
     assert not torch.allclose(got, default, atol=1e-4)
 
 
+def test_save_pretrained_records_the_pad_token_option(tiny_mllama_dirs, images, tmp_path):
+    """A model loaded with pad_token= saves it in multitap_config.json; loading the saved model
+    without options scores as the original, not with the tokenizer's default pad token."""
+    eot = _load(tiny_mllama_dirs, max_length=64, backbone_options={"pad_token": "<|eot_id|>"})
+    before = eot.score(images[:2], TEXTS).overall
+    out = eot.save_pretrained(tmp_path / "saved")
+    assert json.loads((out / "multitap_config.json").read_text())["backbone_options"] == {"pad_token": "<|eot_id|>"}
+    again = MultiTapModel.from_pretrained(out, device="cpu", max_length=64)
+    assert torch.equal(again.score(images[:2], TEXTS).overall, before)
+    default = MultiTapModel.from_pretrained(out, device="cpu", max_length=64,
+                                            backbone_options={"pad_token": "<|finetune_right_pad_id|>"})
+    assert not torch.allclose(default.score(images[:2], TEXTS).overall, before, atol=1e-4)
+
+
 def test_left_padding_tokenizer_reads_the_last_real_token(tiny_mllama_dirs, images, tmp_path):
     """Padding side is measured, not assumed: a tokenizer configured to pad on the left gives the
     left-padded reference's number (the last real token; positions shifted, RoPE is relative)."""

@@ -119,6 +119,11 @@ class Backbone(nn.Module):
         inverse of :meth:`remap_state_dict` (used by ``MultiTapModel.save_pretrained``)."""
         raise NotImplementedError  # pragma: no cover
 
+    def options(self) -> dict:
+        """The adapter's own constructor options (beyond rope, image size, max length) that change
+        its features, JSON-serialisable: saved with a checkpoint so it loads back scoring the same."""
+        return {}
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

@@ -127,6 +127,12 @@ class MllamaBackbone(Backbone):
         self.pad_id = pad_id if pad_id is not None else 0
         _match_446_intermediate_layers(model.vision_model)
 
+    def options(self) -> dict:
+        if not self.readout:
+            return {}
+        token = self.tokenizer.convert_ids_to_tokens(self.pad_id)
+        return {"pad_token": token if isinstance(token, str) else self.pad_id}
+
     # -- construction ----------------------------------------------------------------------------
     @staticmethod
     def build_module(config, dtype: torch.dtype):

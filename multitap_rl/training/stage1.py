@@ -82,6 +82,8 @@ class ModelArgs:
     max_length: int | None = _f(1024, "prompts truncated to this many tokens (reference: 1024)")
     dtype: str = _f("float32", "parameter dtype: float32 | bfloat16 (bf16 suits DeepSpeed on GPUs)")
     head_seed: int = _f(0, "seed of the fresh reward head's initialisation")
+    backbone_options: dict = _f(help="backbone adapter options, e.g. {pad_token: '<|eot_id|>'} (Llama-3.2-Vision)",
+                                factory=dict)
 
     def __post_init__(self):
         _check(self.image_size is None or self.image_size >= 28,
@@ -360,7 +362,8 @@ def build_model(cfg: Stage1Config, device):
     from .lora import apply_lora
 
     m, t = cfg.model, cfg.train
-    common = dict(device=device, dtype=m.dtype, image_size=m.image_size, max_length=m.max_length)
+    common = dict(device=device, dtype=m.dtype, image_size=m.image_size, max_length=m.max_length,
+                  backbone_options=m.backbone_options or None)
     if m.checkpoint:
         model = MultiTapModel.from_pretrained(m.checkpoint, base_model=m.base_model, rope=m.rope, **common)
     else:

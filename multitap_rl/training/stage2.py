@@ -175,6 +175,7 @@ def model_identity(model) -> dict:
         "rope": getattr(bb, "rope", None),
         "image_size": getattr(bb, "image_size", None),
         "max_length": getattr(bb, "max_length", None),
+        "backbone_options": (bb.options() or None) if hasattr(bb, "options") else None,
     }
 
 
@@ -317,7 +318,7 @@ def _prepare_store(out: Path, manifest: dict, overwrite: bool) -> None:
         stale.unlink()
 
 
-_MODEL_IDENTITY = ("hidden_size", "checkpoint", "family", "rope", "image_size", "max_length")
+_MODEL_IDENTITY = ("hidden_size", "checkpoint", "family", "rope", "image_size", "max_length", "backbone_options")
 
 
 def _identity(manifest: dict, key: str):
