@@ -6,7 +6,7 @@ transformers-4.46.1 virtualenv (the reference's right-padded, one-sample-at-a-ti
 a sha256 fingerprint of the model's files. Here the tiny model is rebuilt and scored by
 ``MultiTapModel``; the numbers must agree to 1e-5. If the rebuilt files differ from the
 fingerprinted ones, the comparison is skipped, naming the files; regenerate with
-``bash tools/regenerate_reference_446_mllama.sh`` (tools/README.md).
+``bash tools/regenerate_reference_446.sh mllama`` (tools/README.md).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def model_dir(stored, tmp_path_factory):
             f"the rebuilt seed-{info['seed']} tiny Mllama model differs from the one the 4.46.1 scores were "
             f"computed for (files {differ}); stored from {info.get('builder_versions')}, here torch "
             f"{torch.__version__}, tokenizers {tokenizers.__version__}, transformers {transformers.__version__}. "
-            "Regenerate: bash tools/regenerate_reference_446_mllama.sh"
+            "Regenerate: bash tools/regenerate_reference_446.sh mllama"
         )
     return out
 

@@ -33,7 +33,7 @@ import platform
 import sys
 from pathlib import Path
 
-__all__ = ["DEFAULT_CASES", "Reference446", "fingerprint", "load_make_image", "main"]
+__all__ = ["COMMON_CASES", "DEFAULT_CASES", "Reference446", "fingerprint", "load_make_image", "main"]
 
 logger = logging.getLogger("reference_446")
 
@@ -42,9 +42,10 @@ MAX_LENGTH = 1024
 IMAGE_SIZE = 560
 CAPTION_INSTRUCTION = "Describe this image."
 
-# Inputs: mixed-length captions (one past 1024 tokens, one landing near the cut), the instruction
-# task, several generated images of different sizes, non-ASCII text and odd whitespace.
-DEFAULT_CASES: list[dict] = [
+# Inputs (shared with reference_446_mllama.py): mixed-length captions (one past 1024 tokens, one
+# landing near the cut), the instruction task, several generated images of different sizes,
+# non-ASCII text and odd whitespace.
+COMMON_CASES: list[dict] = [
     {"name": "short", "image": {"seed": 0, "size": [64, 48]}, "text": "Dog."},
     {"name": "medium", "image": {"seed": 1, "size": [72, 52]},
      "text": "A red circle on the left of a small white square."},
@@ -72,9 +73,10 @@ DEFAULT_CASES: list[dict] = [
     # max_length of 2048, also the stage-1 recipe's: = our instruction task with that question.
     {"name": "evaluate_layout_2048", "image": {"seed": 9, "size": [96, 64]}, "max_length": 2048,
      "question": "Describe this image.", "text": "A red circle on the left of a small white square."},
-    {"name": "long_untruncated_2048", "image": {"seed": 3, "size": [88, 60]}, "max_length": 2048,
-     "text": "A big orange circle " * 200},
 ]
+LONG_UNTRUNCATED_2048 = {"name": "long_untruncated_2048", "image": {"seed": 3, "size": [88, 60]},
+                         "max_length": 2048, "text": "A big orange circle " * 200}
+DEFAULT_CASES: list[dict] = [*COMMON_CASES, LONG_UNTRUNCATED_2048]
 
 
 # -- helpers usable from any environment (stdlib only) --------------------------------------------
@@ -116,13 +118,125 @@ def case_image(case: dict, make_image):
     return make_image(int(spec["seed"]), size=tuple(int(v) for v in spec["size"]))
 
 
+def messages(text: str, question: str | None) -> list[dict]:
+    """The reference's chat messages: caption task = user "Describe this image." + assistant
+    [image, caption]; instruction task = one assistant turn [question, image, response]."""
+    if question is None:
+        return [
+            {"role": "user", "content": [{"type": "text", "text": CAPTION_INSTRUCTION}]},
+            {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": text}]},
+        ]
+    return [{"role": "assistant", "content": [{"type": "text", "text": question}, {"type": "image"},
+                                              {"type": "text", "text": text}]}]
+
+
+def read_reward_checkpoint(reward: Path) -> tuple[dict, dict]:
+    """(every tensor, the ``backbone_model.*`` ones without that prefix) of a sharded checkpoint."""
+    from safetensors.torch import load_file
+
+    index = json.loads((reward / "model.safetensors.index.json").read_text())
+    state = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        state.update(load_file(str(reward / shard)))
+    prefix = "backbone_model."
+    return state, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def reward_head(state: dict, hidden: int):
+    """VLMRewardModel's ``reward_head`` (Linear(hidden, 1)) with the checkpoint's weights."""
+    import torch
+
+    head = torch.nn.Linear(hidden, 1)
+    head.load_state_dict({"weight": state["reward_head.weight"], "bias": state["reward_head.bias"]})
+    return head.eval()
+
+
+def processor_inputs(processor, image, text: str, question: str | None, max_length: int | None) -> dict:
+    """``prepare_input``: the chat template as text, the image in RGB resized to 560x560 (PIL's
+    default filter), the processor padding to and truncating at ``max_length`` (None: neither)."""
+    prompt = processor.apply_chat_template(messages(text, question), tokenize=False)
+    image = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
+    kwargs = {"padding": "max_length", "max_length": max_length, "truncation": True} if max_length else {}
+    return processor(text=prompt, images=image, return_tensors="pt", **kwargs)
+
+
+def reference_forward(model, head, inputs) -> tuple:
+    """VLMRewardModel.forward: full model with logits, ``hidden_states[-1][:, -1]``, sigmoid head.
+    Returns (overall, logit, h)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(**inputs, return_dict=True, output_hidden_states=True)
+        last = out.hidden_states[-1] + 0.0 * torch.mean(out.logits)
+        h = last[:, -1, :].type_as(head.weight)
+        logit = head(h).squeeze(-1)
+        return torch.sigmoid(logit), logit, h
+
+
+def parse_args(argv, description: str, model_help: str, build_hint: str, extra=None):
+    """The command line both scripts share; refuses a transformers other than 4.46.1 and a
+    ``model_dir`` without ``base/`` and ``reward/``."""
+    p = argparse.ArgumentParser(description=description.split("\n\n")[0])
+    p.add_argument("model_dir", help=model_help)
+    p.add_argument("--seed", type=int, default=0, help="the seed DIR was built with (recorded in the output)")
+    p.add_argument("--builder-versions", help="JSON file with the versions of the environment that built DIR "
+                   "(recorded in the output, shown when the fingerprint no longer matches)")
+    p.add_argument("--cases", help="JSON list of cases like DEFAULT_CASES (default: the built-in list)")
+    p.add_argument("--out", help="write the JSON here (default: print it)")
+    p.add_argument("--allow-other-version", action="store_true",
+                   help="run under a transformers other than 4.46.1 (for experiments only)")
+    if extra:
+        extra(p)
+    args = p.parse_args(argv)
+
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    if transformers.__version__ != "4.46.1" and not args.allow_other_version:
+        p.error(f"this is transformers {transformers.__version__}; run it in the 4.46.1 virtualenv "
+                "(tools/README.md) or pass --allow-other-version")
+    args.model_dir = Path(args.model_dir)
+    for sub in ("base", "reward"):
+        if not (args.model_dir / sub).is_dir():
+            p.error(f"{args.model_dir}: no {sub}/ directory; {build_hint}")
+    args.cases = json.loads(Path(args.cases).read_text()) if args.cases else None
+    return args
+
+
+def score_cases(run, cases: list[dict], extra_keys: tuple[str, ...] = ()) -> list[dict]:
+    """``run(image, case, max_length) -> row`` over the cases; each result is the case, its
+    question, max_length and ``extra_keys`` (None when absent), then the row."""
+    make_image = load_make_image()
+    results = []
+    for i, case in enumerate(cases):
+        max_length = int(case.get("max_length", MAX_LENGTH))
+        row = run(case_image(case, make_image), case, max_length)
+        results.append({**case, "question": case.get("question"), "max_length": max_length,
+                        **{k: case.get(k) for k in extra_keys}, **row})
+        logger.info("case %d %-30s overall=%.8f |h|=%.6f tokens=%d/%d last=%d", i, case.get("name", ""),
+                    row["overall"], row["hidden_norm"], row["kept_tokens"], row["prompt_tokens"],
+                    row["last_token_id"])
+    return results
+
+
+def write_output(doc: dict, out: str | None) -> int:
+    text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+        logger.info("wrote %s (%d cases)", out, len(doc["cases"]))
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 # -- the reference computation (transformers 4.46.1) ----------------------------------------------
 class Reference446:
     """The MULTI-TAP forward for a Qwen2-VL checkpoint under transformers 4.46.1, float32, CPU."""
 
     def __init__(self, model_dir: str | Path):
         import torch
-        from safetensors.torch import load_file
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
         root = Path(model_dir)
@@ -136,12 +250,7 @@ class Reference446:
             raise ValueError(f"{base}: the processor has no chat template")
         # 2. Base model, then the checkpoint's backbone over it (every weight but the tied lm_head).
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(base, torch_dtype=torch.float32).eval()
-        index = json.loads((reward / "model.safetensors.index.json").read_text())
-        state = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            state.update(load_file(str(reward / shard)))
-        prefix = "backbone_model."
-        backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state, backbone = read_reward_checkpoint(reward)
         result = self.model.load_state_dict(backbone, strict=False)
         if result.unexpected_keys or set(result.missing_keys) != {"lm_head.weight"}:
             raise ValueError(f"checkpoint does not fit the 4.46 layout: missing {result.missing_keys}, "
@@ -149,43 +258,20 @@ class Reference446:
         if self.model.lm_head.weight.data_ptr() != self.model.model.embed_tokens.weight.data_ptr():
             raise ValueError("lm_head is not tied to embed_tokens; the checkpoint omits lm_head.weight")
         # 3. Reward head.
-        hidden = self.model.config.hidden_size
-        self.head = torch.nn.Linear(hidden, 1)
-        self.head.load_state_dict({"weight": state["reward_head.weight"], "bias": state["reward_head.bias"]})
-        self.head.eval()
+        self.head = reward_head(state, self.model.config.hidden_size)
         self.attn_implementation = self.model.config._attn_implementation
-
-    @staticmethod
-    def messages(text: str, question: str | None) -> list[dict]:
-        if question is None:
-            return [
-                {"role": "user", "content": [{"type": "text", "text": CAPTION_INSTRUCTION}]},
-                {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": text}]},
-            ]
-        return [{"role": "assistant", "content": [{"type": "text", "text": question}, {"type": "image"},
-                                                  {"type": "text", "text": text}]}]
 
     def inputs(self, image, text: str, question: str | None = None, max_length: int | None = MAX_LENGTH) -> dict:
         """The processor's output, padded (left) and truncated to ``max_length`` (None: neither)."""
-        prompt = self.processor.apply_chat_template(self.messages(text, question), tokenize=False)
-        image = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
-        kwargs = {"padding": "max_length", "max_length": max_length, "truncation": True} if max_length else {}
-        return self.processor(text=prompt, images=image, return_tensors="pt", **kwargs)
+        return processor_inputs(self.processor, image, text, question, max_length)
 
     def run(self, image, text: str, question: str | None = None, max_length: int = MAX_LENGTH) -> dict:
         """One sample: overall score, reward-head logit, last hidden state and token counts."""
-        import torch
-
         inputs = self.inputs(image, text, question, max_length)
         if inputs["input_ids"].shape[1] != max_length:
             raise ValueError(f"the processor returned {inputs['input_ids'].shape[1]} tokens, not {max_length}")
         untruncated = self.inputs(image, text, question, None)["input_ids"].shape[1]
-        with torch.no_grad():
-            out = self.model(**inputs, return_dict=True, output_hidden_states=True)
-            last = out.hidden_states[-1] + 0.0 * torch.mean(out.logits)
-            h = last[:, -1, :].type_as(self.head.weight)
-            logit = self.head(h).squeeze(-1)
-            overall = torch.sigmoid(logit)
+        overall, logit, h = reference_forward(self.model, self.head, inputs)
         mask = inputs["attention_mask"][0]
         return {
             "prompt_tokens": int(untruncated),
@@ -213,46 +299,20 @@ def versions() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", help="directory written by `multitap-rl tiny DIR` (holds base/ and reward/)")
-    p.add_argument("--seed", type=int, default=0, help="the seed DIR was built with (recorded in the output)")
-    p.add_argument("--size", default="tiny", help="the --size DIR was built with (recorded in the output)")
-    p.add_argument("--builder-versions", help="JSON file with the versions of the environment that built DIR "
-                   "(recorded in the output, shown when the fingerprint no longer matches)")
-    p.add_argument("--cases", help="JSON list of cases like DEFAULT_CASES (default: the built-in list)")
-    p.add_argument("--out", help="write the JSON here (default: print it)")
-    p.add_argument("--allow-other-version", action="store_true",
-                   help="run under a transformers other than 4.46.1 (for experiments only)")
-    args = p.parse_args(argv)
-
-    import torch
-    import transformers
-
-    torch.set_num_threads(1)
-    if transformers.__version__ != "4.46.1" and not args.allow_other_version:
-        p.error(f"this is transformers {transformers.__version__}; run it in the 4.46.1 virtualenv "
-                "(tools/README.md) or pass --allow-other-version")
-    model_dir = Path(args.model_dir)
-    for sub in ("base", "reward"):
-        if not (model_dir / sub).is_dir():
-            p.error(f"{model_dir}: no {sub}/ directory; build it with `multitap-rl tiny {model_dir}`")
-    cases = json.loads(Path(args.cases).read_text()) if args.cases else DEFAULT_CASES
-
-    make_image = load_make_image()
-    ref = Reference446(model_dir)
-    results = []
-    for i, case in enumerate(cases):
-        max_length = int(case.get("max_length", MAX_LENGTH))
-        row = ref.run(case_image(case, make_image), case["text"], case.get("question"), max_length)
-        results.append({**case, "question": case.get("question"), "max_length": max_length, **row})
-        logger.info("case %d %-24s overall=%.8f |h|=%.6f tokens=%d/%d", i, case.get("name", ""),
-                    row["overall"], row["hidden_norm"], row["kept_tokens"], row["prompt_tokens"])
-
+    args = parse_args(
+        argv, __doc__, "directory written by `multitap-rl tiny DIR` (holds base/ and reward/)",
+        "build it with `multitap-rl tiny DIR`",
+        extra=lambda p: p.add_argument("--size", default="tiny", help="the --size DIR was built with (recorded)"),
+    )
+    ref = Reference446(args.model_dir)
+    results = score_cases(lambda image, case, max_length: ref.run(image, case["text"], case.get("question"),
+                                                                  max_length),
+                          args.cases or DEFAULT_CASES)
     doc = {
         "generator": "tools/reference_446.py (transformers 4.46.1 reference forward; see tools/README.md)",
         "versions": versions(),
         "model": {"built_with": f"multitap-rl tiny DIR --seed {args.seed} --size {args.size}",
-                  "seed": args.seed, "size": args.size, "fingerprint": fingerprint(model_dir),
+                  "seed": args.seed, "size": args.size, "fingerprint": fingerprint(args.model_dir),
                   "builder_versions": json.loads(Path(args.builder_versions).read_text())
                   if args.builder_versions else None},
         "settings": {"max_length": f"{MAX_LENGTH} unless a case says otherwise", "truncation": True,
@@ -262,14 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                      "position_ids": "4.46.1 plain forward(): arange over the padded length"},
         "cases": results,
     }
-    text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        logger.info("wrote %s (%d cases)", args.out, len(results))
-    else:
-        sys.stdout.write(text)
-    return 0
+    return write_output(doc, args.out)
 
 
 if __name__ == "__main__":

@@ -26,54 +26,38 @@ Usage (``DIR`` holds ``base/`` and ``reward/`` from ``build_tiny_mllama_multitap
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_446 import case_image, fingerprint, load_make_image, versions  # noqa: E402
+from reference_446 import (  # noqa: E402
+    COMMON_CASES,
+    IMAGE_SIZE,
+    LONG_UNTRUNCATED_2048,
+    MAX_LENGTH,
+    fingerprint,
+    parse_args,
+    processor_inputs,
+    read_reward_checkpoint,
+    reference_forward,
+    reward_head,
+    score_cases,
+    versions,
+    write_output,
+)
 
 __all__ = ["DEFAULT_CASES", "Reference446Mllama", "main"]
 
-logger = logging.getLogger("reference_446_mllama")
 
-MAX_LENGTH = 1024
-IMAGE_SIZE = 560
-CAPTION_INSTRUCTION = "Describe this image."
-
+# The Qwen2-VL cases (evaluate.py's layout at 2048 included), then what right padding makes differ.
 DEFAULT_CASES: list[dict] = [
-    {"name": "short", "image": {"seed": 0, "size": [64, 48]}, "text": "Dog."},
-    {"name": "medium", "image": {"seed": 1, "size": [72, 52]},
-     "text": "A red circle on the left of a small white square."},
-    {"name": "long", "image": {"seed": 2, "size": [80, 56]},
-     "text": "There is a bright green triangle near the top corner, and a dark blue cross at the bottom, "
-             "with some grass and a tree behind the house."},
-    {"name": "truncated", "image": {"seed": 3, "size": [88, 60]}, "text": "A big orange circle " * 200},
-    {"name": "truncated_other_image", "image": {"seed": 4, "size": [300, 200]},
-     "text": "Two small dogs are sitting next to a car on the street, " * 60},
-    {"name": "unicode", "image": {"seed": 5, "size": [40, 90]},
-     "text": "Café crème — naïve déjà vu: 犬が二匹います。 🐶  double  spaces\nand a new line."},
-    {"name": "digits_punct", "image": {"seed": 6, "size": [800, 600]},
-     "text": "Exactly 3 cats, 12 dogs & 1 car!!! (at 10:45?) ..."},
-    {"name": "same_image_other_text", "image": {"seed": 0, "size": [64, 48]},
-     "text": "A tiny black square in the center."},
-    {"name": "instruction_colour", "image": {"seed": 1, "size": [72, 52]},
-     "question": "What colour is the shape?", "text": "It is red."},
-    {"name": "instruction_where", "image": {"seed": 2, "size": [80, 56]},
-     "question": "Where is the circle?", "text": "On the left side of the picture, near the top."},
-    {"name": "instruction_count", "image": {"seed": 7, "size": [56, 56]},
-     "question": "How many objects are there?", "text": "Two."},
-    {"name": "instruction_truncated", "image": {"seed": 8, "size": [64, 64]},
-     "question": "Describe everything you see in detail.", "text": "There is a big blue circle. " * 150},
-    # evaluate.py's layout and max_length (2048): the pad read at position 2047 instead of 1023.
-    {"name": "evaluate_layout_2048", "image": {"seed": 9, "size": [96, 64]}, "max_length": 2048,
-     "question": "Describe this image.", "text": "A red circle on the left of a small white square."},
+    *COMMON_CASES,
+    # the pad read at position 2047 instead of 1023
     {"name": "medium_2048", "image": {"seed": 1, "size": [72, 52]}, "max_length": 2048,
      "text": "A red circle on the left of a small white square."},
-    {"name": "long_untruncated_2048", "image": {"seed": 3, "size": [88, 60]}, "max_length": 2048,
-     "text": "A big orange circle " * 200},
+    LONG_UNTRUNCATED_2048,
     # single_objective_train.py: pad token = eos (<|eot_id|>), the recipe's max_length 2048.
     {"name": "stage1_training_pad_eos_2048", "image": {"seed": 1, "size": [72, 52]}, "max_length": 2048,
      "pad_token": "<|eot_id|>", "text": "A red circle on the left of a small white square."},
@@ -89,7 +73,6 @@ class Reference446Mllama:
 
     def __init__(self, model_dir: str | Path):
         import torch
-        from safetensors.torch import load_file
         from transformers import AutoProcessor, MllamaForConditionalGeneration
 
         root = Path(model_dir)
@@ -101,41 +84,21 @@ class Reference446Mllama:
         self.default_pad = self.processor.tokenizer.pad_token
         # 2. Base model, then the checkpoint's backbone over it (every key).
         self.model = MllamaForConditionalGeneration.from_pretrained(base, torch_dtype=torch.float32).eval()
-        index = json.loads((reward / "model.safetensors.index.json").read_text())
-        state = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            state.update(load_file(str(reward / shard)))
-        prefix = "backbone_model."
-        backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state, backbone = read_reward_checkpoint(reward)
         result = self.model.load_state_dict(backbone, strict=False)
         if result.unexpected_keys or result.missing_keys:
             raise ValueError(f"checkpoint does not fit the 4.46 layout: missing {result.missing_keys}, "
                              f"unexpected {result.unexpected_keys}")
         # 3. Reward head (VLMRewardModel: hidden size 4096 fallback = text hidden size for 11B; here
         #    the text hidden size, read from the head's weight).
-        self.head = torch.nn.Linear(state["reward_head.weight"].shape[1], 1)
-        self.head.load_state_dict({"weight": state["reward_head.weight"], "bias": state["reward_head.bias"]})
-        self.head.eval()
+        self.head = reward_head(state, state["reward_head.weight"].shape[1])
         self.attn_implementation = self.model.config._attn_implementation
-
-    @staticmethod
-    def messages(text: str, question: str | None) -> list[dict]:
-        if question is None:
-            return [
-                {"role": "user", "content": [{"type": "text", "text": CAPTION_INSTRUCTION}]},
-                {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": text}]},
-            ]
-        return [{"role": "assistant", "content": [{"type": "text", "text": question}, {"type": "image"},
-                                                  {"type": "text", "text": text}]}]
 
     def inputs(self, image, text: str, question: str | None = None, max_length: int | None = MAX_LENGTH,
                pad_token: str | None = None) -> dict:
         tok = self.processor.tokenizer
         tok.pad_token = pad_token or self.default_pad
-        prompt = self.processor.apply_chat_template(self.messages(text, question), tokenize=False)
-        image = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
-        kwargs = {"padding": "max_length", "max_length": max_length, "truncation": True} if max_length else {}
-        return self.processor(text=prompt, images=image, return_tensors="pt", **kwargs)
+        return processor_inputs(self.processor, image, text, question, max_length)
 
     def run(self, image, text: str, question: str | None = None, max_length: int = MAX_LENGTH,
             pad_token: str | None = None) -> dict:
@@ -145,12 +108,7 @@ class Reference446Mllama:
         if inputs["input_ids"].shape[1] != max_length:
             raise ValueError(f"the processor returned {inputs['input_ids'].shape[1]} tokens, not {max_length}")
         untruncated = self.inputs(image, text, question, None, pad_token)["input_ids"].shape[1]
-        with torch.no_grad():
-            out = self.model(**inputs, return_dict=True, output_hidden_states=True)
-            last = out.hidden_states[-1] + 0.0 * torch.mean(out.logits)
-            h = last[:, -1, :].type_as(self.head.weight)
-            logit = self.head(h).squeeze(-1)
-            overall = torch.sigmoid(logit)
+        overall, logit, h = reference_forward(self.model, self.head, inputs)
         ids = inputs["input_ids"][0]
         mask = inputs["attention_mask"][0]
         bos = self.processor.tokenizer.bos_token_id
@@ -172,47 +130,17 @@ class Reference446Mllama:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", help="directory holding base/ and reward/ (build_tiny_mllama_multitap)")
-    p.add_argument("--seed", type=int, default=0, help="the seed DIR was built with (recorded in the output)")
-    p.add_argument("--builder-versions", help="JSON file with the versions of the environment that built DIR")
-    p.add_argument("--cases", help="JSON list of cases like DEFAULT_CASES (default: the built-in list)")
-    p.add_argument("--out", help="write the JSON here (default: print it)")
-    p.add_argument("--allow-other-version", action="store_true",
-                   help="run under a transformers other than 4.46.1 (for experiments only)")
-    args = p.parse_args(argv)
-
-    import torch
-    import transformers
-
-    torch.set_num_threads(1)
-    if transformers.__version__ != "4.46.1" and not args.allow_other_version:
-        p.error(f"this is transformers {transformers.__version__}; run it in the 4.46.1 virtualenv "
-                "(tools/README.md) or pass --allow-other-version")
-    model_dir = Path(args.model_dir)
-    for sub in ("base", "reward"):
-        if not (model_dir / sub).is_dir():
-            p.error(f"{model_dir}: no {sub}/ directory")
-    cases = json.loads(Path(args.cases).read_text()) if args.cases else DEFAULT_CASES
-
-    make_image = load_make_image()
-    ref = Reference446Mllama(model_dir)
-    results = []
-    for i, case in enumerate(cases):
-        max_length = int(case.get("max_length", MAX_LENGTH))
-        row = ref.run(case_image(case, make_image), case["text"], case.get("question"), max_length,
-                      case.get("pad_token"))
-        results.append({**case, "question": case.get("question"), "max_length": max_length,
-                        "pad_token": case.get("pad_token"), **row})
-        logger.info("case %d %-30s overall=%.8f |h|=%.6f tokens=%d/%d last=%d", i, case.get("name", ""),
-                    row["overall"], row["hidden_norm"], row["kept_tokens"], row["prompt_tokens"],
-                    row["last_token_id"])
-
+    args = parse_args(argv, __doc__, "directory holding base/ and reward/ (build_tiny_mllama_multitap)",
+                      "build it with multitap_rl.testing.build_tiny_mllama_multitap")
+    ref = Reference446Mllama(args.model_dir)
+    results = score_cases(lambda image, case, max_length: ref.run(image, case["text"], case.get("question"),
+                                                                  max_length, case.get("pad_token")),
+                          args.cases or DEFAULT_CASES, extra_keys=("pad_token",))
     doc = {
         "generator": "tools/reference_446_mllama.py (transformers 4.46.1 reference forward; see tools/README.md)",
         "versions": versions(),
         "model": {"built_with": f"multitap_rl.testing.build_tiny_mllama_multitap(DIR, seed={args.seed})",
-                  "seed": args.seed, "family": "mllama", "fingerprint": fingerprint(model_dir),
+                  "seed": args.seed, "family": "mllama", "fingerprint": fingerprint(args.model_dir),
                   "builder_versions": json.loads(Path(args.builder_versions).read_text())
                   if args.builder_versions else None},
         "settings": {"max_length": f"{MAX_LENGTH} unless a case says otherwise", "truncation": True,
@@ -224,14 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                      "read_at": "hidden_states[-1][:, -1] of the padded sequence"},
         "cases": results,
     }
-    text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        logger.info("wrote %s (%d cases)", args.out, len(results))
-    else:
-        sys.stdout.write(text)
-    return 0
+    return write_output(doc, args.out)
 
 
 if __name__ == "__main__":
