@@ -11,27 +11,18 @@ fingerprinted ones, the comparison is skipped, naming the files; regenerate with
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
 
+from _stored_446 import ROOT, rebuilt_or_skip
 from multitap_rl import EngineConfig, MultiTapModel
 from multitap_rl.testing import build_tiny_mllama_multitap, make_image
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "reference_446_mllama_scores.json"
-TOOL = ROOT / "tools" / "reference_446.py"
 ATOL = 1e-5
-
-
-def _fingerprint(path):
-    spec = importlib.util.spec_from_file_location("reference_446_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.fingerprint(path)
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +34,8 @@ def stored():
 def model_dir(stored, tmp_path_factory):
     """The tiny model the stored numbers were computed for, rebuilt; skip if its bytes differ."""
     info = stored["model"]
-    out = tmp_path_factory.mktemp("tiny_mllama_446")
-    build_tiny_mllama_multitap(out, seed=info["seed"])
-    got, want = _fingerprint(out), info["fingerprint"]
-    if got["sha256"] != want["sha256"]:
-        import tokenizers
-        import transformers
-
-        differ = sorted(k for k in set(got["files"]) | set(want["files"])
-                        if got["files"].get(k) != want["files"].get(k))
-        pytest.skip(
-            f"the rebuilt seed-{info['seed']} tiny Mllama model differs from the one the 4.46.1 scores were "
-            f"computed for (files {differ}); stored from {info.get('builder_versions')}, here torch "
-            f"{torch.__version__}, tokenizers {tokenizers.__version__}, transformers {transformers.__version__}. "
-            "Regenerate: bash tools/regenerate_reference_446.sh mllama"
-        )
-    return out
+    build = partial(build_tiny_mllama_multitap, seed=info["seed"])
+    return rebuilt_or_skip(stored, tmp_path_factory.mktemp("tiny_mllama_446"), build, "tiny Mllama model", "mllama")
 
 
 def _load(model_dir, max_length, pad_token=None, engine=None):

@@ -11,28 +11,19 @@ the files; regenerate with ``bash tools/regenerate_reference_446.sh`` (tools/REA
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
+from _stored_446 import ROOT, load_tool, rebuilt_or_skip
 from multitap_rl import EngineConfig, MultiTapModel
 from multitap_rl.testing import build_tiny_multitap, make_image
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "reference_446_scores.json"
-TOOL = ROOT / "tools" / "reference_446.py"
 ATOL = 1e-5
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("reference_446_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -44,23 +35,8 @@ def stored():
 def model_dir(stored, tmp_path_factory):
     """The tiny model the stored numbers were computed for, rebuilt; skip if its bytes differ."""
     info = stored["model"]
-    out = tmp_path_factory.mktemp("tiny446")
-    build_tiny_multitap(out, seed=info["seed"], size=info["size"])
-    got = _tool().fingerprint(out)
-    want = info["fingerprint"]
-    if got["sha256"] != want["sha256"]:
-        import tokenizers
-        import transformers
-
-        differ = sorted(k for k in set(got["files"]) | set(want["files"])
-                        if got["files"].get(k) != want["files"].get(k))
-        pytest.skip(
-            f"the rebuilt seed-{info['seed']} tiny model differs from the one the 4.46.1 scores were "
-            f"computed for (files {differ}); stored from {info.get('builder_versions')}, here "
-            f"torch {torch.__version__}, tokenizers {tokenizers.__version__}, transformers "
-            f"{transformers.__version__}. Regenerate: bash tools/regenerate_reference_446.sh"
-        )
-    return out
+    build = partial(build_tiny_multitap, seed=info["seed"], size=info["size"])
+    return rebuilt_or_skip(stored, tmp_path_factory.mktemp("tiny446"), build, "tiny model", "qwen2_vl")
 
 
 def _load(model_dir, max_length=1024, engine=None):
@@ -99,7 +75,7 @@ def test_stored_data_covers_the_cases_that_matter(stored):
 
 def test_tool_draws_the_same_images_as_the_package():
     """tools/reference_446.py runs without the package; its make_image must be the package's."""
-    tool_make_image = _tool().load_make_image(ROOT)
+    tool_make_image = load_tool().load_make_image(ROOT)
     for seed, size in [(0, (64, 48)), (6, (800, 600)), (5, (40, 90))]:
         a, b = tool_make_image(seed, size=size), make_image(seed, size=size)
         assert a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
