@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ddpo_t2i import RecordingReward, _prompts, run_trainer, tiny_models  # noqa: E402
+from ddpo_t2i import add_common_arguments, fill_defaults, import_trl, prepare, run_trainer  # noqa: E402
 
 logger = logging.getLogger("alignprop_t2i")
 
@@ -37,30 +36,10 @@ TINY_DEFAULTS = {"sample_steps": 4, "batch_size": 2, "learning_rate": 1e-2, "bac
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="offline: tiny random diffusion pipeline and reward model")
-    p.add_argument("--pretrained-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5")
-    p.add_argument("--checkpoint", default="brl-xfact/Multi-TAP-Qwen2-VL-2B", help="MULTI-TAP checkpoint")
-    p.add_argument("--base-model", default=None)
-    p.add_argument("--heads", default=None, help="stage-2 heads directory (for dimension weights)")
-    p.add_argument("--weights", default=None, help='e.g. "overall=1,clarity=0.5"')
-    p.add_argument("--normalize", default="none", choices=["none", "fixed", "running"])
-    p.add_argument("--gate", action="append", default=[], help='e.g. "safety<0.5:cap=0" (repeatable)')
-    p.add_argument("--prompts", default=None, help="a text file, one prompt per line")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default 50; --tiny 4)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 2")
+    add_common_arguments(p, DEFAULTS, TINY_DEFAULTS, epochs=20)
     p.add_argument("--backprop-steps", type=int, default=None,
                    help="backpropagate through the last K denoising steps (truncated backprop; default 1)")
-    p.add_argument("--guidance-scale", type=float, default=5.0)
-    p.add_argument("--learning-rate", type=float, default=None, help="default 1e-3; --tiny 1e-2")
-    p.add_argument("--full-unet", action="store_true", help="train the whole UNet instead of LoRA")
-    p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default=None)
-    args = p.parse_args(argv)
-    for key, value in (TINY_DEFAULTS if args.tiny else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = fill_defaults(p.parse_args(argv), DEFAULTS, TINY_DEFAULTS)
     if not 1 <= args.backprop_steps <= args.sample_steps:
         p.error(f"--backprop-steps must be in [1, --sample-steps={args.sample_steps}]")
     return args
@@ -68,38 +47,15 @@ def parse_args(argv=None):
 
 def build(args, workdir: str | Path, reward_fn=None):
     """(trainer, sd_pipeline, recording reward). ``reward_fn`` overrides the MULTI-TAP reward."""
-    import torch
-    from accelerate import PartialState
-
-    PartialState()
-    try:
-        from trl import AlignPropConfig, AlignPropTrainer, DefaultDDPOStableDiffusionPipeline
-    except ImportError:
-        raise ImportError("AlignPropTrainer needs trl<=0.22.2: pip install 'multitap-rl[ddpo]' "
-                          "(in its own virtualenv; it conflicts with the 'trl' extra)") from None
-
+    AlignPropConfig, AlignPropTrainer = import_trl("AlignPropConfig", "AlignPropTrainer")
     from reward_fns.differentiable import differentiable_reward
 
     workdir = Path(workdir)
-    if args.tiny:
-        sd_model, checkpoint, base_model = tiny_models(workdir)
-    else:
-        sd_model, checkpoint, base_model = args.pretrained_model, args.checkpoint, args.base_model
-    sd_pipeline = DefaultDDPOStableDiffusionPipeline(sd_model, use_lora=not args.full_unet)
-    if reward_fn is None:
-        reward_fn = differentiable_reward(checkpoint, base_model=base_model, heads=args.heads, weights=args.weights,
-                                          normalize=args.normalize, gates=args.gate)
-    reward = RecordingReward(reward_fn)
-    prompts = _prompts(args)
-    rng = random.Random(args.seed)
-
-    def prompt_fn():
-        return rng.choice(prompts), {}
+    sd_pipeline, reward, prompt_fn, mixed = prepare(args, workdir, differentiable_reward, reward_fn)
 
     # Truncated backprop: gradients flow through denoising steps i >= steps - K only. The window
     # must lie inside the schedule, else no step keeps its graph and backward() fails.
     steps, k = args.sample_steps, args.backprop_steps
-    mixed = args.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
     config = AlignPropConfig(
         num_epochs=args.epochs,
         seed=args.seed,

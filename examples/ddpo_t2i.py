@@ -48,8 +48,12 @@ DEFAULTS = {"sample_steps": 50, "batch_size": 4, "batches_per_epoch": 2, "learni
 TINY_DEFAULTS = {"sample_steps": 4, "batch_size": 2, "batches_per_epoch": 1, "learning_rate": 1e-2}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_arguments(p: argparse.ArgumentParser, defaults: dict, tiny_defaults: dict, epochs: int) -> None:
+    """The options the DDPO and AlignProp examples share (``defaults`` fill the ``None`` ones)."""
+
+    def dflt(key):
+        return f"default {defaults[key]}; --tiny {tiny_defaults[key]}"
+
     p.add_argument("--tiny", action="store_true", help="offline: tiny random diffusion pipeline and reward model")
     p.add_argument("--pretrained-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="diffusers Stable Diffusion pipeline (hub id or directory)")
@@ -60,24 +64,31 @@ def parse_args(argv=None):
     p.add_argument("--normalize", default="none", choices=["none", "fixed", "running"])
     p.add_argument("--gate", action="append", default=[], help='e.g. "safety<0.5:cap=0" (repeatable)')
     p.add_argument("--prompts", default=None, help="a text file, one prompt per line")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps per sample (default 50; --tiny 4)")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--sample-steps", type=int, default=None, help=f"DDIM steps per sample ({dflt('sample_steps')})")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="samples per batch, sampling and training (default 4; --tiny 2)")
-    p.add_argument("--batches-per-epoch", type=int, default=None, help="default 2; --tiny 1")
+                   help=f"samples per batch, sampling and training ({dflt('batch_size')})")
     p.add_argument("--guidance-scale", type=float, default=5.0)
-    p.add_argument("--learning-rate", type=float, default=None, help="default 3e-4; --tiny 1e-2")
+    p.add_argument("--learning-rate", type=float, default=None, help=dflt("learning_rate"))
     p.add_argument("--full-unet", action="store_true", help="train the whole UNet instead of LoRA")
     p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
                    help="default: bf16 on GPU, no on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default=None, help="save the trained pipeline (LoRA weights) here")
-    args = p.parse_args(argv)
-    defaults = TINY_DEFAULTS if args.tiny else DEFAULTS
-    for key, value in defaults.items():
+
+
+def fill_defaults(args, defaults: dict, tiny_defaults: dict):
+    for key, value in (tiny_defaults if args.tiny else defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(p, DEFAULTS, TINY_DEFAULTS, epochs=100)
+    p.add_argument("--batches-per-epoch", type=int, default=None, help="default 2; --tiny 1")
+    return fill_defaults(p.parse_args(argv), DEFAULTS, TINY_DEFAULTS)
 
 
 class RecordingReward:
@@ -120,21 +131,29 @@ def _prompts(args) -> list[str]:
     return list(DEFAULT_PROMPTS)
 
 
-def build(args, workdir: str | Path, reward_fn=None):
-    """(trainer, sd_pipeline, recording reward). ``reward_fn`` overrides the MULTI-TAP reward."""
-    import torch
+def import_trl(*names: str):
+    """``names`` from trl, or an ImportError saying which trl and extra they need. Creates
+    accelerate's state first: TRL's DDPO logging needs it before a trainer exists."""
+    import importlib
+
     from accelerate import PartialState
 
-    PartialState()  # TRL's DDPO logging needs accelerate's state before the trainer exists
+    PartialState()
     try:
-        from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
-    except ImportError:
-        raise ImportError("DDPOTrainer needs trl<=0.22.2: pip install 'multitap-rl[ddpo]' "
+        trl = importlib.import_module("trl")
+        return tuple(getattr(trl, n) for n in names)
+    except (ImportError, AttributeError):
+        raise ImportError(f"{names[-1]} needs trl<=0.22.2: pip install 'multitap-rl[ddpo]' "
                           "(in its own virtualenv; it conflicts with the 'trl' extra)") from None
 
-    from reward_fns.ddpo import ddpo_reward
 
-    workdir = Path(workdir)
+def prepare(args, workdir: Path, make_reward, reward_fn=None):
+    """Shared by the DDPO and AlignProp examples: (sd_pipeline, recording reward, prompt_fn,
+    mixed precision). ``make_reward(checkpoint, base_model=..., heads=..., weights=..., ...)``
+    builds the MULTI-TAP reward unless ``reward_fn`` is given."""
+    import torch
+
+    (DefaultDDPOStableDiffusionPipeline,) = import_trl("DefaultDDPOStableDiffusionPipeline")
     # 1. Models: tiny offline ones, or the given hub ids / directories.
     if args.tiny:
         sd_model, checkpoint, base_model = tiny_models(workdir)
@@ -142,9 +161,8 @@ def build(args, workdir: str | Path, reward_fn=None):
         sd_model, checkpoint, base_model = args.pretrained_model, args.checkpoint, args.base_model
     sd_pipeline = DefaultDDPOStableDiffusionPipeline(sd_model, use_lora=not args.full_unet)
     if reward_fn is None:
-        reward_fn = ddpo_reward(checkpoint, base_model=base_model, heads=args.heads, weights=args.weights,
+        reward_fn = make_reward(checkpoint, base_model=base_model, heads=args.heads, weights=args.weights,
                                 normalize=args.normalize, gates=args.gate)
-    reward = RecordingReward(reward_fn)
 
     # 2. Prompts: one drawn at random per sample (DDPO's prompt_fn returns (prompt, metadata)).
     prompts = _prompts(args)
@@ -153,9 +171,19 @@ def build(args, workdir: str | Path, reward_fn=None):
     def prompt_fn():
         return rng.choice(prompts), {}
 
-    # 3. Config: CPU needs mixed_precision="no"; a fresh project_dir per run (accelerate's
-    #    automatic checkpoint naming refuses to reuse one).
+    # CPU needs mixed_precision="no".
     mixed = args.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
+    return sd_pipeline, RecordingReward(reward_fn), prompt_fn, mixed
+
+
+def build(args, workdir: str | Path, reward_fn=None):
+    """(trainer, sd_pipeline, recording reward). ``reward_fn`` overrides the MULTI-TAP reward."""
+    DDPOConfig, DDPOTrainer = import_trl("DDPOConfig", "DDPOTrainer")
+    from reward_fns.ddpo import ddpo_reward
+
+    workdir = Path(workdir)
+    sd_pipeline, reward, prompt_fn, mixed = prepare(args, workdir, ddpo_reward, reward_fn)
+    # A fresh project_dir per run (accelerate's automatic checkpoint naming refuses to reuse one).
     config = DDPOConfig(
         num_epochs=args.epochs,
         seed=args.seed,
