@@ -130,3 +130,15 @@ def test_known_checkpoints_table_names_base_models():
 
     assert KNOWN_CHECKPOINTS["brl-xfact/Multi-TAP-Qwen2-VL-2B"] == "Qwen/Qwen2-VL-2B-Instruct"
     assert json.dumps(KNOWN_CHECKPOINTS)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "mllama"])
+@pytest.mark.parametrize("kwargs,match", [
+    ({"rope": "yarn"}, r"rope must be one of 'reference'"),
+    ({"max_length": 1}, "max_length must be an int >= 2 or None, got 1"),
+    ({"max_length": 512.0}, "max_length must be an int"),
+])
+def test_settings_a_backbone_cannot_use_are_refused(family, kwargs, match, tiny_dirs, tiny_mllama_dirs):
+    base, reward = tiny_dirs if family == "qwen2_vl" else tiny_mllama_dirs
+    with pytest.raises(ValueError, match=match):
+        MultiTapModel.from_pretrained(reward, base_model=base, device="cpu", **kwargs)

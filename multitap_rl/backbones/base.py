@@ -80,8 +80,29 @@ class Backbone(nn.Module):
 
     family: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
+    ropes: ClassVar[dict[str, str]] = {"reference": "arange positions, as MULTI-TAP"}  # accepted rope values
 
     hidden_size: int
+
+    def __init__(self, model, tokenizer, image_processor, chat_template: str, *, rope: str,
+                 image_size: int | None, max_length: int | None):
+        """Holds the transformers module (no ``lm_head``), the tokenizer, the image processor and
+        the chat template, with the settings every backbone has; refuses a rope this backbone
+        does not have and a ``max_length`` that cannot hold a prompt."""
+        super().__init__()
+        if rope not in self.ropes:
+            accepted = "; ".join(f"{k!r} ({v})" for k, v in self.ropes.items())
+            raise ValueError(f"rope must be one of {accepted} for {self.family}, got {rope!r}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 2):
+            raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+        self.rope = rope
+        self.image_size = image_size
+        self.max_length = max_length
 
     # -- preprocessing (CPU) -------------------------------------------------------------
     def prepare_image(self, image) -> PreparedImage:  # pragma: no cover - abstract

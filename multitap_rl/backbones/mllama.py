@@ -55,6 +55,7 @@ class MllamaImageFeatures:
 class MllamaBackbone(Backbone):
     family = "mllama"
     model_types = ("mllama",)
+    ropes = {"reference": "Llama's 1-D RoPE over arange positions"}
 
     def __init__(
         self,
@@ -79,18 +80,8 @@ class MllamaBackbone(Backbone):
                 (default: the tokenizer's pad token, ``<|finetune_right_pad_id|>`` on the hub; the
                 reference's stage-1 training set it to ``eos_token``, ``<|eot_id|>``).
         """
-        super().__init__()
-        if rope != "reference":
-            raise ValueError(f"rope must be 'reference' for Llama-3.2-Vision (1-D RoPE), got {rope!r}")
-        if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
-            raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.chat_template = chat_template
-        self.rope = rope
-        self.image_size = image_size
-        self.max_length = max_length
+        super().__init__(model, tokenizer, image_processor, chat_template, rope=rope, image_size=image_size,
+                         max_length=max_length)
         cfg = model.config
         text = cfg.text_config
         self.hidden_size = text.hidden_size

@@ -34,6 +34,7 @@ CAPTION_INSTRUCTION = "Describe this image."
 class Qwen2VLBackbone(Backbone):
     family = "qwen2_vl"
     model_types = ("qwen2_vl",)
+    ropes = {"reference": "arange positions, as MULTI-TAP", "mrope": "Qwen2-VL's multimodal RoPE"}
 
     def __init__(
         self,
@@ -46,16 +47,9 @@ class Qwen2VLBackbone(Backbone):
         image_size: int | None = 560,
         max_length: int | None = 1024,
     ):
-        super().__init__()
-        if rope not in ("reference", "mrope"):
-            raise ValueError(f"rope must be 'reference' (arange, as MULTI-TAP) or 'mrope', got {rope!r}")
-        self.model = model  # transformers Qwen2VLModel: .visual and .language_model, no lm_head
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.chat_template = chat_template
-        self.rope = rope
-        self.image_size = image_size
-        self.max_length = max_length
+        # model: transformers Qwen2VLModel (.visual and .language_model, no lm_head)
+        super().__init__(model, tokenizer, image_processor, chat_template, rope=rope, image_size=image_size,
+                         max_length=max_length)
         cfg = model.config
         self.hidden_size = cfg.text_config.hidden_size
         self.image_token_id = cfg.image_token_id
