@@ -501,10 +501,6 @@ class RidgeHeads:
             cfg = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as exc:
             raise HeadsError(f"{cfg_path}: not valid JSON ({exc})") from None
-        if not isinstance(cfg, dict) or cfg.get("format") != HEADS_FORMAT:
-            raise HeadsError(f"{cfg_path}: not a multitap-rl heads file (format {cfg.get('format')!r})")
-        if int(cfg.get("version", 0)) > HEADS_VERSION:
-            raise HeadsError(f"{cfg_path}: written by a newer multitap-rl (version {cfg['version']})")
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -512,20 +508,51 @@ class RidgeHeads:
             tensors = load_file(str(w_path))
         except (SafetensorError, OSError) as exc:
             raise HeadsError(f"{w_path}: cannot read safetensors ({exc})") from None
-        if set(tensors) != {"coef", "intercept"}:
-            raise HeadsError(f"{w_path}: expected tensors coef and intercept, found {sorted(tensors)}")
-        names = cfg.get("names") or []
-        if tensors["coef"].ndim != 2 or tensors["coef"].shape[1] != len(names):
-            raise HeadsError(f"{p}: coef {tuple(tensors['coef'].shape)} does not match {len(names)} names in "
-                             f"{CONFIG_FILE}")
-        if tensors["coef"].shape[0] != cfg.get("hidden_size"):
-            raise HeadsError(f"{p}: coef has {tensors['coef'].shape[0]} rows but {CONFIG_FILE} says hidden size "
-                             f"{cfg.get('hidden_size')}")
-        meta = {k: v for k, v in cfg.items() if k not in ("names", "hidden_size", "fingerprint", "stats")}
-        heads = cls(names, tensors["coef"], tensors["intercept"], fingerprint=cfg.get("fingerprint"),
-                    stats=cfg.get("stats"), meta=meta)
+        heads = cls._from_parts(cfg, tensors, str(p))
         heads.meta["path"] = str(p)
         return heads
+
+    @classmethod
+    def _from_parts(cls, cfg, tensors: dict, where: str) -> RidgeHeads:
+        """Heads from a ``heads.json`` dict and the ``coef``/``intercept`` tensors, checked."""
+        if not isinstance(cfg, dict) or cfg.get("format") != HEADS_FORMAT:
+            fmt = cfg.get("format") if isinstance(cfg, dict) else None
+            raise HeadsError(f"{where}: not a multitap-rl heads file (format {fmt!r})")
+        if int(cfg.get("version", 0)) > HEADS_VERSION:
+            raise HeadsError(f"{where}: written by a newer multitap-rl (version {cfg['version']})")
+        if set(tensors) != {"coef", "intercept"}:
+            raise HeadsError(f"{where}: expected tensors coef and intercept, found {sorted(tensors)}")
+        names = cfg.get("names") or []
+        if tensors["coef"].ndim != 2 or tensors["coef"].shape[1] != len(names):
+            raise HeadsError(f"{where}: coef {tuple(tensors['coef'].shape)} does not match {len(names)} names in "
+                             f"{CONFIG_FILE}")
+        if tensors["coef"].shape[0] != cfg.get("hidden_size"):
+            raise HeadsError(f"{where}: coef has {tensors['coef'].shape[0]} rows but {CONFIG_FILE} says hidden size "
+                             f"{cfg.get('hidden_size')}")
+        meta = {k: v for k, v in cfg.items() if k not in ("names", "hidden_size", "fingerprint", "stats")}
+        return cls(names, tensors["coef"], tensors["intercept"], fingerprint=cfg.get("fingerprint"),
+                   stats=cfg.get("stats"), meta=meta)
+
+    def to_bytes(self) -> tuple[str, bytes]:
+        """(``heads.json`` text, ``heads.safetensors`` bytes): what :meth:`save` writes, in memory,
+        hashable and pickle-safe (no code runs on load). Inverse: :meth:`from_bytes`."""
+        from safetensors.torch import save
+
+        weights = save({"coef": self.coef.contiguous(), "intercept": self.intercept.contiguous()},
+                       metadata={"format": HEADS_FORMAT, "names": json.dumps(list(self.names))})
+        return json.dumps(self.to_config(), sort_keys=True), weights
+
+    @classmethod
+    def from_bytes(cls, state: tuple[str, bytes]) -> RidgeHeads:
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        config, weights = state
+        try:
+            tensors = load(weights)
+        except SafetensorError as exc:
+            raise HeadsError(f"in-memory heads: cannot read safetensors ({exc})") from None
+        return cls._from_parts(json.loads(config), tensors, "in-memory heads")
 
 
 # ---------------------------------------------------------------------------------------------

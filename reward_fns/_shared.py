@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,8 +37,11 @@ class ScorerSpec:
     image_size: int | None = 560
     max_length: int | None = 1024
     # id() of an in-memory model this spec was made from: two model objects never share a scorer.
-    # In another process (after pickling) no model has that id, and the spec loads from `checkpoint`.
+    # In another process (after pickling) no model has that id, and the spec loads from `checkpoint`
+    # with that model's backbone options and, if its heads were given as an object, those heads.
     instance: int | None = None
+    backbone_options: tuple[tuple[str, Any], ...] | None = None
+    heads_state: tuple[str, bytes] | None = None  # RidgeHeads.to_bytes() of in-memory heads
 
 
 class SharedScorer:
@@ -59,12 +63,24 @@ class SharedScorer:
             from multitap_rl import EngineConfig, MultiTapModel
 
             s = self.spec
+            if s.checkpoint is None:
+                raise RuntimeError(
+                    "this reward was made from an in-memory MultiTapModel that has no checkpoint (e.g. "
+                    "from_base_model, trained here), and this process cannot see that model; save it with "
+                    "model.save_pretrained(dir) and build the reward from dir"
+                )
             logger.info("loading MULTI-TAP reward model %s (once per process)", s.checkpoint)
-            self._model = MultiTapModel.from_pretrained(
+            model = MultiTapModel.from_pretrained(
                 s.checkpoint, base_model=s.base_model, heads=s.heads, device=s.device, dtype=s.dtype,
                 rope=s.rope, image_size=s.image_size, max_length=s.max_length,
                 engine=EngineConfig(max_batch_tokens=s.max_batch_tokens),
+                backbone_options=None if s.backbone_options is None else dict(s.backbone_options),
             )
+            if s.heads_state is not None:
+                from multitap_rl.heads import RidgeHeads
+
+                model.load_heads(RidgeHeads.from_bytes(s.heads_state))
+            self._model = model
             self._home = self._model.device
             if s.offload:
                 self._model.to("cpu")
@@ -123,22 +139,27 @@ def get_scorer(spec: ScorerSpec, model=None) -> SharedScorer:
 
 def spec_for(model_or_path, *, base_model=None, heads=None, device=None, dtype=None, rope=None,
              max_batch_tokens: int = 8192, offload: bool = False) -> tuple[ScorerSpec, object | None]:
-    """(spec, already-loaded model or None). A ``MultiTapModel`` instance is registered under the
-    spec of its checkpoint so that other processes can reload it from there after pickling."""
+    """(spec, already-loaded model or None). A ``MultiTapModel`` instance gets a spec that reloads
+    it in other processes after pickling: its checkpoint, settings, backbone options, and its
+    heads (a directory, or the heads themselves when they were attached as an object)."""
     from multitap_rl.model import MultiTapModel
 
     if max_batch_tokens < 1:
         raise ValueError("max_batch_tokens must be >= 1")
     if isinstance(model_or_path, MultiTapModel):
         info = model_or_path.info
+        heads = getattr(model_or_path, "heads", None)
+        heads_path = info.get("heads")
+        options = model_or_path.backbone.options()
         spec = ScorerSpec(
-            checkpoint=info.get("checkpoint", f"<in-memory model {id(model_or_path)}>"),
-            base_model=info.get("base_model"), heads=info.get("heads"),
+            checkpoint=info.get("checkpoint"), base_model=info.get("base_model"), heads=heads_path,
             device=str(model_or_path.device), dtype=str(model_or_path.backbone.dtype).replace("torch.", ""),
             rope=model_or_path.backbone.rope, max_batch_tokens=max_batch_tokens, offload=offload,
             image_size=getattr(model_or_path.backbone, "image_size", None),
             max_length=getattr(model_or_path.backbone, "max_length", None),
             instance=id(model_or_path),
+            backbone_options=tuple(sorted(options.items())) if options else None,
+            heads_state=heads.to_bytes() if heads is not None and heads_path is None else None,
         )
         return spec, model_or_path
     if not isinstance(model_or_path, (str, os.PathLike)):

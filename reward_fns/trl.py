@@ -142,15 +142,6 @@ class _Base:
             out[i] = self.empty_reward
         return out
 
-    def __getstate__(self):
-        # only the spec and small settings travel: the model stays per process
-        model = get_scorer(self.spec)._model
-        if self.spec.heads is None and getattr(model, "heads", None) is not None:
-            logger.warning("%s: the model's stage-2 heads were given as an object, not a directory; another "
-                           "process cannot reload them (save them with heads.save(dir) and pass heads=dir)",
-                           getattr(self, "__name__", type(self).__name__))
-        return dict(self.__dict__)
-
 
 def _dimension_names(spec: ScorerSpec, model) -> tuple[tuple[str, ...], dict]:
     """Dimension names (and heads' normalisation stats) without loading the backbone."""

@@ -122,6 +122,13 @@ def test_save_load_gives_identical_predictions_and_metadata(feats, tmp_path):
     assert cfg["target_ranges"]["clarity"] == [pytest.approx(Y[:200, 1].min()), pytest.approx(Y[:200, 1].max())]
     assert loaded.stats == heads.stats and set(loaded.stats) == {"safety", "clarity", "overall"}
     assert RidgeHeads.load(out / "heads.json").names == heads.names  # a file inside the directory works too
+    state = heads.to_bytes()  # the in-memory form (what a pickled reward carries)
+    again = RidgeHeads.from_bytes(state)
+    assert hash(state) and again.names == heads.names and again.stats == heads.stats
+    assert again.fingerprint == heads.fingerprint and again.meta["alphas"] == heads.meta["alphas"]
+    assert all(torch.equal(again.predict(h)[k], a[k]) for k in a)
+    with pytest.raises(HeadsError, match="in-memory heads: cannot read safetensors"):
+        RidgeHeads.from_bytes((state[0], b"not safetensors"))
 
 
 def test_stats_are_the_training_prediction_moments_and_feed_fixed_normalisation(feats):

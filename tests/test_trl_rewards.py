@@ -51,6 +51,46 @@ def test_pickle_round_trip_reloads_in_a_fresh_process_state(reward, images):
     assert clone(prompts=prompts, completions=completions, image=imgs) == pytest.approx(before, abs=1e-6)
 
 
+def test_pickled_in_memory_model_reloads_with_its_heads_and_backbone_options(tiny_mllama_dirs, images):
+    """A reward made from a loaded model: another process reloads the checkpoint with the same
+    backbone options (Mllama's pad token) and the heads that were attached as an object."""
+    from multitap_rl import MultiTapModel
+    from multitap_rl.heads import RidgeHeads
+    from multitap_rl.training.stage2 import model_identity
+
+    base, reward_dir = tiny_mllama_dirs
+    model = MultiTapModel.from_pretrained(reward_dir, base_model=base, device="cpu", max_length=64,
+                                          backbone_options={"pad_token": "<|eot_id|>"})
+    texts = ["A red circle.", "Two dogs.", "A tree.", "Blue.", "A cat on a mat.", "Grass and sky.", "Red.", "Dog."]
+    feats = model.features([images[i % 3] for i in range(8)], texts)
+    y = {"detail": torch.arange(8.0), "brevity": -torch.arange(8.0)}
+    model.load_heads(RidgeHeads.fit(feats.double(), y, fingerprint=model_identity(model)))
+    fn = multitap_reward(model, weights="overall=1,detail=0.5,brevity=0.25")
+    prompts, completions, imgs = _batch(images)
+    before = fn(prompts=prompts, completions=completions, image=imgs)
+    blob = pickle.dumps(fn)
+    assert len(blob) < 20_000
+    _shared._SCORERS.clear()  # as in a new process
+    clone = pickle.loads(blob)
+    assert clone(prompts=prompts, completions=completions, image=imgs) == pytest.approx(before, abs=1e-6)
+    reloaded = _shared.get_scorer(clone.spec).model
+    assert reloaded is not model and reloaded.backbone.options() == {"pad_token": "<|eot_id|>"}
+    assert reloaded.dimension_names == model.dimension_names
+
+
+def test_pickled_model_without_a_checkpoint_is_a_clear_error(tiny_dirs, images):
+    from multitap_rl import MultiTapModel
+
+    base, _ = tiny_dirs
+    fn = multitap_reward(MultiTapModel.from_base_model(base, device="cpu", image_size=56))
+    prompts, completions, imgs = _batch(images)
+    assert len(fn(prompts=prompts, completions=completions, image=imgs)) == 4  # fine in this process
+    _shared._SCORERS.clear()
+    clone = pickle.loads(pickle.dumps(fn))
+    with pytest.raises(RuntimeError, match=r"no checkpoint .*save_pretrained"):
+        clone(prompts=prompts, completions=completions, image=imgs)
+
+
 def test_none_for_missing_images_and_empty_completions(tiny_dirs, images):
     base, reward_dir = tiny_dirs
     r = multitap_reward(reward_dir, base_model=base, device="cpu", empty_reward=-1.0)
