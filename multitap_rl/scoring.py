@@ -248,17 +248,20 @@ class FeatureEngine:
             prefix = self._segment(prefix_reqs, 0, feats)
             prefix.final = False  # run for its cache; rows end before their samples do
             _, cache = bb.forward(prefix, use_cache=True)
-        members = sorted(
-            ((gi, i) for gi, g in enumerate(chunk) for i in g), key=lambda t: len(requests[t[1]].tok.ids)
-        )
+        per_group = cache is not None and bb.cache_views
+        length = lambda t: len(requests[t[1]].tok.ids)  # noqa: E731
+        members = sorted(((gi, i) for gi, g in enumerate(chunk) for i in g),
+                         key=(lambda t: (t[0], length(t))) if per_group else length)
         budget = self.config.max_batch_tokens
         start = 0
         while start < len(members):
-            # grow the micro-batch while B * (p + longest suffix) fits the budget
+            # grow the micro-batch while B * (p + longest suffix) fits the budget (and, for
+            # cache_views backbones, while it stays in one prefix group)
             end = start + 1
             while end < len(members):
-                width = len(requests[members[end][1]].tok.ids)
-                if (end - start + 1) * width > budget:
+                if (end - start + 1) * length(members[end]) > budget:
+                    break
+                if per_group and members[end][0] != members[start][0]:
                     break
                 end += 1
             batch = members[start:end]

@@ -86,3 +86,34 @@ def test_small_token_budget_gives_same_scores(backbone_dirs, backbone_model, ima
     imgs = [images[i % 3] for i in range(7)]
     texts = [CAPTIONS[i % 4] * (1 + i % 3) for i in range(7)]
     assert torch.allclose(small.score(imgs, texts).overall, backbone_model.score(imgs, texts).overall, atol=1e-6)
+
+
+def test_cache_views_backbones_get_one_group_per_micro_batch_and_no_copies(backbone_model, backbone_dirs, images):
+    """Llama-3.2-Vision's cached image keys/values are large per row: each suffix micro-batch
+    stays within one prefix group and its cache rows are broadcast views of that group's row
+    (stride 0, same storage), with scores equal to the unshared engine. Other backbones keep
+    length-sorted micro-batches across groups."""
+    bb = backbone_model.backbone
+    original = bb.select_cache
+    seen = []
+
+    def spy(cache, rows):
+        sub = original(cache, rows)
+        seen.append((rows.tolist(), [(src.keys, dst.keys) for src, dst in zip(cache.layers, sub.layers)]))
+        return sub
+
+    bb.select_cache = spy
+    try:
+        imgs = [images[0]] * 4 + [images[1]] * 4
+        shared = backbone_model.score(imgs, CAPTIONS * 2).overall
+    finally:
+        del bb.select_cache
+    assert torch.allclose(shared, _plain(backbone_dirs).score(imgs, CAPTIONS * 2).overall, atol=1e-6, rtol=0)
+    if not bb.cache_views:
+        assert any(len(set(rows)) > 1 for rows, _ in seen)  # one micro-batch spans both groups
+        return
+    assert sorted(len(rows) for rows, _ in seen) == [4, 4]
+    for rows, layers in seen:
+        assert len(set(rows)) == 1
+        for src, dst in layers:
+            assert dst.stride(0) == 0 and dst.data_ptr() == src[rows[0]].data_ptr()

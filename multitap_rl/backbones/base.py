@@ -81,6 +81,9 @@ class Backbone(nn.Module):
     family: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
     ropes: ClassVar[dict[str, str]] = {"reference": "arange positions, as MULTI-TAP"}  # accepted rope values
+    # True: the engine keeps each suffix micro-batch within one prefix group, so select_cache can
+    # return views of one cached row instead of copies (worth it when the cache is large per row).
+    cache_views: ClassVar[bool] = False
 
     hidden_size: int
 
@@ -124,9 +127,26 @@ class Backbone(nn.Module):
     ) -> tuple[torch.Tensor, Any | None]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def select_cache(self, cache: Any, rows: torch.Tensor) -> Any:  # pragma: no cover - abstract
-        """A new cache whose row ``i`` is row ``rows[i]`` of ``cache`` (for prefix sharing)."""
-        raise NotImplementedError
+    def select_cache(self, cache: Any, rows: torch.Tensor) -> Any:
+        """A new transformers ``DynamicCache`` whose row ``i`` is row ``rows[i]`` of ``cache`` (for
+        prefix sharing), every layer. Rows that all come from one source row are a broadcast
+        view of it (no copy); otherwise one gathered copy. The forward never writes into these
+        tensors: self-attention concatenates new keys to them, cross-attention only reads."""
+        from transformers import DynamicCache
+
+        rows = rows.to(self.device)
+        one = bool((rows == rows[0]).all())
+        r, n = int(rows[0]), len(rows)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t[r : r + 1].expand(n, *t.shape[1:]) if one else t.index_select(0, rows)
+
+        # built from empty slices, then filled: DynamicCache(ddp_cache_data=...) would copy each tensor
+        out = DynamicCache(ddp_cache_data=[(layer.keys[:1, ..., :0, :], layer.values[:1, ..., :0, :])
+                                           for layer in cache.layers])
+        for dst, src in zip(out.layers, cache.layers):
+            dst.keys, dst.values = pick(src.keys), pick(src.values)
+        return out
 
     # -- key layouts ---------------------------------------------------------------------------
     @classmethod

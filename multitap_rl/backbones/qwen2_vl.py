@@ -229,14 +229,6 @@ class Qwen2VLBackbone(Backbone):
         last = hidden[torch.arange(b, device=dev), segment.lengths.to(dev) - 1]
         return last, (out.past_key_values if use_cache else None)
 
-    def select_cache(self, cache: Any, rows: torch.Tensor):
-        from transformers import DynamicCache
-
-        rows = rows.to(self.device)
-        data = [(layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in cache.layers]
-        return DynamicCache(ddp_cache_data=data)
-
-
 
 def _use_linear_patch_embed(patch_embed) -> None:
     """Run the vision tower's patch embedding as the matmul it is.
