@@ -261,6 +261,59 @@ def qwen2_vl_pixel_values(pixels: torch.Tensor, image_processor, image_size: int
     return p.reshape(gh * gw, c * temporal * patch * patch), (1, gh, gw)
 
 
+# -- the Llama-3.2-Vision (Mllama) image processor in torch ---------------------------------------
+def mllama_pixel_values(pixels: torch.Tensor, image_processor, image_size: int | None
+                        ) -> tuple[torch.Tensor, int]:
+    """Differentiable twin of ``resize -> MllamaImageProcessor`` for one image.
+
+    Args:
+        pixels: (3, H, W) float tensor in [0, 1].
+        image_processor: the backbone's Mllama image processor (tile size, max tiles, resample
+            filter, rescale factor, mean/std are read).
+        image_size: the square size the backbone resizes to first (560 for MULTI-TAP), or None.
+
+    Returns:
+        ``(pixel_values, num_tiles)``: pixel_values (1, 1, max_tiles, 3, tile, tile) float32 on
+        ``pixels.device``, carrying gradients to ``pixels``: the image resized to fit its tile
+        canvas, zero-padded to it (before normalisation, as the processor does), rescaled,
+        normalised, split into tiles, then zero tiles up to ``max_image_tiles``.
+    """
+    from transformers.models.mllama.image_processing_pil_mllama import (
+        get_image_size_fit_to_canvas,
+        get_optimal_tiled_canvas,
+    )
+
+    ip = image_processor
+    tile = int(_size_get(ip.size, "height"))
+    max_tiles = int(ip.max_image_tiles)
+    # 1. uint8 rounding as the image loader does, then the backbone's square resize.
+    x = to_uint8_ste(pixels)
+    if image_size is not None:
+        x = pil_resize(x, (image_size, image_size), "bicubic")
+    # 2. Resize to fit the best tile canvas (PIL skips a resize to the same size), zero-pad to it.
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    canvas_h, canvas_w = get_optimal_tiled_canvas(image_height=h, image_width=w, max_image_tiles=max_tiles,
+                                                  tile_size=tile)
+    nh, nw = get_image_size_fit_to_canvas(image_height=h, image_width=w, canvas_height=canvas_h,
+                                          canvas_width=canvas_w, tile_size=tile)
+    if (nh, nw) != (h, w):
+        x = pil_resize(x, (nh, nw), getattr(ip, "resample", 2))
+    x = torch.nn.functional.pad(x, (0, canvas_w - nw, 0, canvas_h - nh))
+    # 3. Rescale and normalise (float32), as for Qwen2-VL.
+    x = (x * float(ip.rescale_factor)).float() if getattr(ip, "do_rescale", True) else x.float()
+    if getattr(ip, "do_normalize", True):
+        mean = torch.tensor(ip.image_mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(ip.image_std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+        x = (x - mean) / std
+    # 4. Tiles in row-major order, then zero tiles up to max_image_tiles.
+    c = x.shape[0]
+    th, tw = canvas_h // tile, canvas_w // tile
+    tiles = x.reshape(c, th, tile, tw, tile).permute(1, 3, 0, 2, 4).reshape(th * tw, c, tile, tile)
+    if th * tw < max_tiles:
+        tiles = torch.cat([tiles, tiles.new_zeros(max_tiles - th * tw, c, tile, tile)])
+    return tiles[None, None], th * tw
+
+
 # -- model entry points ---------------------------------------------------------------------------
 def check_pixels(pixels, n: int | None = None, what: str = "image") -> torch.Tensor:
     """Validate a (B, 3, H, W) float batch in [0, 1]; raise naming the first bad sample.

@@ -11,6 +11,7 @@ from PIL import Image
 
 from multitap_rl.differentiable import (
     combine_with_grad,
+    mllama_pixel_values,
     pil_resize,
     pil_resize_weights,
     qwen2_vl_pixel_values,
@@ -103,6 +104,25 @@ def test_pixel_values_match_the_image_processor(tiny_model, size, image_size):
     assert torch.equal(soft.detach(), ref["pixel_values"])  # bit-exact
 
 
+@pytest.mark.parametrize("size,image_size", [((64, 48), 560), ((600, 1300), 560), ((300, 200), None),
+                                             ((600, 1300), None), ((1200, 1100), None)])
+def test_mllama_pixel_values_match_the_image_processor(tiny_mllama_model, size, image_size):
+    """Llama-3.2-Vision: resize to the tile canvas, zero pad, rescale, normalise, tiles, zero
+    tiles up to max_image_tiles -- bit-exact, one tile or several (image_size=None keeps the
+    aspect ratio: 600x1300 -> 1x3 tiles, 1200x1100 -> 2x2)."""
+    bb = tiny_mllama_model.backbone
+    x = torch.rand(3, *size, generator=torch.Generator().manual_seed(sum(size)))
+    soft, num_tiles = mllama_pixel_values(x, bb.image_processor, image_size)
+    pil = load_image(x)
+    if image_size is not None:
+        pil = pil.resize((image_size, image_size), Image.BICUBIC)
+    ref = bb.image_processor(images=[pil], return_tensors="pt")
+    assert num_tiles == int(torch.as_tensor(ref["num_tiles"]).flatten()[0])
+    assert num_tiles == (1 if image_size else {(300, 200): 1, (600, 1300): 3, (1200, 1100): 4}[size])
+    assert soft.dtype == torch.float32
+    assert torch.equal(soft, ref["pixel_values"])  # bit-exact
+
+
 def test_prepare_pixels_forward_is_the_processor_output(tiny_model):
     """The backbone's differentiable preparation returns the ordinary path's numbers exactly, even
     where the torch resize and Pillow may pick different pass orders (both sides shrink)."""
@@ -123,10 +143,10 @@ def pixels():
     return torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
-def test_forward_equals_ordinary_path_and_gradient_flows(tiny_model, pixels):
+def test_forward_equals_ordinary_path_and_gradient_flows(backbone_model, pixels):
     x = pixels.clone().requires_grad_(True)
-    dims = score_pixels(tiny_model, x, PROMPTS)
-    ref = tiny_model.score(list(pixels), PROMPTS)
+    dims = score_pixels(backbone_model, x, PROMPTS)
+    ref = backbone_model.score(list(pixels), PROMPTS)
     assert set(dims) == {"overall", *ref.dims}
     assert torch.allclose(dims["overall"].detach().cpu(), ref.overall, atol=1e-4, rtol=0)
     dims["overall"].sum().backward()
@@ -135,8 +155,9 @@ def test_forward_equals_ordinary_path_and_gradient_flows(tiny_model, pixels):
     assert (per_image > 0).all()  # every image gets a gradient
 
 
-def test_gradient_ascent_raises_the_ordinary_score(tiny_model):
+def test_gradient_ascent_raises_the_ordinary_score(backbone_model):
     """The gradient is useful: a few Adam steps on the pixels raise the *non-differentiable* score."""
+    tiny_model = backbone_model
     torch.manual_seed(0)
     logits = torch.zeros(1, 3, 32, 32).uniform_(-1, 1).requires_grad_(True)
     prompts = ["a green square in the center"]
@@ -187,9 +208,10 @@ def test_combine_hand_computed():
 
 
 # -- the reward adapter ---------------------------------------------------------------------------
-def test_differentiable_reward_contract(tiny_model, pixels):
+def test_differentiable_reward_contract(backbone_model, pixels):
     from reward_fns.differentiable import DifferentiableReward, differentiable_reward
 
+    tiny_model = backbone_model
     fn = differentiable_reward(tiny_model)
     assert isinstance(fn, DifferentiableReward) and fn.__name__ == "multitap"
     x = pixels.clone().requires_grad_(True)

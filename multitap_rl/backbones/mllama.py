@@ -198,6 +198,26 @@ class MllamaBackbone(Backbone):
             cost=int(pixels.shape[2]) * self.num_patches,
         )
 
+    def prepare_pixels(self, pixels: torch.Tensor) -> PreparedImage:
+        """Differentiable :meth:`prepare_image` for one (3, H, W) float image in [0, 1].
+
+        Forward: exactly :meth:`prepare_image`'s pixel values (the same call). Backward: the
+        gradient of ``multitap_rl.differentiable.mllama_pixel_values`` (PIL-exact resize, pad,
+        rescale, normalise, tiles; straight-through rounding) back to ``pixels``.
+        """
+        from ..differentiable import mllama_pixel_values, round_ste
+        from ..images import load_image
+
+        hard = self.prepare_image(load_image(pixels.detach()))
+        soft, num_tiles = mllama_pixel_values(pixels, self.image_processor, self.image_size)
+        target = hard.inputs["pixel_values"]
+        if tuple(soft.shape) != tuple(target.shape) or num_tiles != int(hard.inputs["num_tiles"]):
+            raise RuntimeError(f"differentiable preprocessing disagrees with the image processor: tiles "
+                               f"{tuple(soft.shape)} x {num_tiles} vs {tuple(target.shape)} x {int(hard.inputs['num_tiles'])}")
+        values = round_ste(soft, target.to(soft.device))
+        return PreparedImage(inputs={**hard.inputs, "pixel_values": values}, num_tokens=hard.num_tokens,
+                             cost=hard.cost)
+
     def prompt(self, text: str, question: str | None) -> str:
         prompt = self.tokenizer.apply_chat_template(
             reference_messages(text, question), chat_template=self.chat_template, tokenize=False
