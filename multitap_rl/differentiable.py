@@ -8,8 +8,8 @@ recomputes that preprocessing in torch with *the same numbers*:
 1. ``round(x * 255)`` as the image loader does (``multitap_rl.images``);
 2. PIL's resampling (``Image.resize``, bicubic by default) as two separable passes, each a
    matrix built from PIL's own 8-bit fixed-point coefficients, with PIL's rounding and clipping
-   to ``uint8`` after each pass (:func:`pil_resize`; bit-exact, up to Pillow 13's pass order
-   when both sides shrink by different factors);
+   to ``uint8`` after each pass, in the installed Pillow's pass order (:func:`pil_resize`;
+   bit-exact);
 3. the image processor's rescale (in float64, then float32), normalisation and patchify.
 
 Every rounding is *straight-through*: the forward value is the quantised one, the backward pass
@@ -47,6 +47,15 @@ __all__ = [
 ]
 
 _PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point precision for 8-bit images (Resample.c)
+
+
+def _pillow_major() -> int:
+    import PIL
+
+    return int(PIL.__version__.split(".")[0])
+
+
+_PILLOW_MAJOR = _pillow_major()
 
 
 def _bicubic(x: float, a: float = -0.5) -> float:
@@ -155,16 +164,12 @@ def _pass(x: torch.Tensor, w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _vertical_first(in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
-    # Pillow's C source runs the horizontal pass first, but Pillow 13 (measured) runs the vertical
-    # pass first whenever the height shrinks and the width does not. When both shrink its choice
-    # depends on the sizes in a way we could not pin down (vertical-first in ~30% of random
-    # cases); we go vertical-first when the height shrinks more, which is right for the common
-    # landscape -> square case (1024x768 -> 560x560) and square inputs. Forward values used for
-    # scoring come from the image processor itself (``Qwen2VLBackbone.prepare_pixels``), so a
-    # wrong guess only perturbs the straight-through gradient, never the score.
-    if in_h <= out_h:
+    # Pillow < 13 always runs the horizontal pass first. Pillow 13 (src/libImaging/Resample.c,
+    # ImagingResampleInner) runs the vertical pass first when the height shrinks by more than
+    # twice as many pixels as the width does. The order matters: each pass rounds to uint8.
+    if _PILLOW_MAJOR < 13:
         return False
-    return in_w <= out_w or in_h / out_h > in_w / out_w
+    return in_h - out_h > 0 and in_h - out_h > 2 * (in_w - out_w)
 
 
 def pil_resize(x: torch.Tensor, size: tuple[int, int], resample="bicubic") -> torch.Tensor:
@@ -180,11 +185,9 @@ def pil_resize(x: torch.Tensor, size: tuple[int, int], resample="bicubic") -> to
     Returns:
         (..., height, width) float64. Forward: PIL's two separable 8-bit passes with its
         fixed-point coefficients, rounding and clipping after each pass (a pass is skipped when
-        that size is unchanged) -- bit-identical to Pillow whenever the pass order agrees, which
-        it does for every upscale, every resize that keeps the aspect ratio and every resize where
-        one side grows and the other shrinks (tests: ``tests/test_differentiable.py``). When both
-        sides shrink by different factors Pillow 13 picks the order by size and some pixels can
-        differ by a few levels. Backward: the linear resampling (straight-through rounding).
+        that size is unchanged), in the installed Pillow's pass order -- bit-identical to Pillow
+        (tests: ``tests/test_differentiable.py``, upscales, downscales and mixed, both orders).
+        Backward: the linear resampling (straight-through rounding).
     """
     name = _filter_name(resample)
     if x.dim() < 2:

@@ -62,6 +62,21 @@ def test_pil_resize_bit_exact(src, dst, resample):
     np.testing.assert_array_equal(out, _pil(arr, dst, code))
 
 
+def test_pil_resize_bit_exact_on_random_downscales_in_either_pass_order():
+    """Both sides shrinking by different amounts: Pillow 13 runs the vertical pass first when the
+    height loses more than twice as many pixels as the width (earlier Pillows: always horizontal
+    first). Random sizes cover both orders and the boundary."""
+    rng = np.random.default_rng(7)
+    cases = [((300, 200), (100, 100)), ((301, 200), (100, 100)), ((299, 200), (100, 100)),
+             ((1024, 768), (560, 560)), ((768, 1024), (560, 560)), ((2000, 1500), (560, 560))]
+    cases += [((int(h), int(w)), (int(rng.integers(8, h)), int(rng.integers(8, w))))
+              for h, w in rng.integers(16, 400, (20, 2))]
+    for src, dst in cases:
+        arr = rng.integers(0, 256, (*src, 3), dtype=np.uint8)
+        out = pil_resize(torch.from_numpy(arr).permute(2, 0, 1).double(), dst).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(out, _pil(arr, dst, Image.BICUBIC), err_msg=f"{src} -> {dst}")
+
+
 def test_pil_resize_gradient_is_the_linear_map():
     x = torch.rand(3, 6, 5, dtype=torch.float64) * 255
     x = x.round().requires_grad_(True)
@@ -124,8 +139,8 @@ def test_mllama_pixel_values_match_the_image_processor(tiny_mllama_model, size, 
 
 
 def test_prepare_pixels_forward_is_the_processor_output(tiny_model):
-    """The backbone's differentiable preparation returns the ordinary path's numbers exactly, even
-    where the torch resize and Pillow may pick different pass orders (both sides shrink)."""
+    """The backbone's differentiable preparation returns the ordinary path's numbers exactly (both
+    sides shrink here: Pillow's pass order matters)."""
     bb = tiny_model.backbone
     x = torch.rand(3, 700, 610, generator=torch.Generator().manual_seed(1), requires_grad=True)
     got = bb.prepare_pixels(x)
