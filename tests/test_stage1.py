@@ -90,6 +90,32 @@ def test_training_forward_is_the_scoring_forward(tiny_dirs, tmp_path):
     assert meta["training"]["global_step"] == 3
 
 
+@pytest.mark.parametrize("finetune,freeze_vision", [("full", False), ("full", True), ("lora", False)])
+def test_llama_vision_trains_and_reloads_with_its_pad_token(tiny_mllama_dirs, tmp_path, finetune, freeze_vision):
+    """Stage 1 on Llama-3.2-Vision (the reference trains with pad token = eos): the saved model,
+    both layouts, records the pad token and scores as the training forward."""
+    base, _ = tiny_mllama_dirs
+    cfg = _cfg(base, tmp_path, image_size=560, max_steps=3, finetune=finetune, freeze_vision=freeze_vision,
+               save_layouts=["multitap", "released"])
+    cfg["model"].update(max_length=64, backbone_options={"pad_token": "<|eot_id|>"})
+    before = MultiTapModel.from_base_model(base, device="cpu", max_length=64).state_dict()
+    res = train_stage1(cfg)
+    assert res.model.backbone.options() == {"pad_token": "<|eot_id|>"}
+    after = res.model.state_dict()
+    vision = "backbone.model.vision_model.transformer.layers.0.mlp.fc1.weight"
+    lm = "backbone.model.language_model.layers.0.self_attn.q_proj.weight"
+    if finetune == "full":
+        assert torch.equal(before[vision], after[vision]) == freeze_vision
+        assert not torch.equal(before[lm], after[lm])
+    imgs, texts = _probe()
+    with torch.no_grad():
+        trained = torch.sigmoid(RewardLogits(res.model)(imgs, texts))
+    for layout, path in res.model_dirs.items():
+        assert json.loads((path / "multitap_config.json").read_text())["backbone_options"] == {"pad_token": "<|eot_id|>"}
+        again = MultiTapModel.from_pretrained(path, device="cpu", max_length=64)
+        assert torch.allclose(again.score(imgs, texts).overall, trained, atol=1e-6, rtol=0), layout
+
+
 def test_learns_the_shapes_task_well_below_the_constant_predictor(tmp_path):
     """Captions right or wrong about the shape's colour (scores 1/0, balanced): neither the image
     nor the text alone says anything about the score, so only a model that reads both can beat
