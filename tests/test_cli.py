@@ -98,11 +98,21 @@ def test_tiny_initializer_range_sets_the_weights_std(tmp_path, capsys):
 
 @pytest.mark.integration
 def test_demo_runs_end_to_end_offline(capsys):
+    import re
+
     assert main(["demo", "--grpo-steps", "1"]) == 0
     out = capsys.readouterr().out
+    mse, baseline = map(float, re.search(r"validation MSE ([\d.]+) vs ([\d.]+)", out).groups())
+    assert mse < 0.1 * baseline  # stage 1 learned the colour task
     assert "fitted stage-2 heads ['color', 'shape', 'position']" in out
     assert "weights overall=1,color=1,shape=1,position=1" in out
-    assert out.count("    1. ") == 3  # a ranking per image
+    rankings = re.findall(r"  image \d+:\n((?:    \d\. .*\n)+)", out)
+    assert len(rankings) == 3  # a ranking per image
+    # the trained judge ranks the caption with the wrong colour last (scenes: red, blue, green)
+    for ranking, colour in zip(rankings, ["red", "blue", "green"]):
+        lines = ranking.strip().splitlines()
+        assert sum(f"'a {colour} " not in line for line in lines) == 1, ranking  # one wrong-colour caption
+        assert f"'a {colour} " not in lines[-1], ranking
     assert "[4/4] GRPO: 1 steps against the weighted reward" in out
 
 
