@@ -20,13 +20,12 @@ Offline smoke run (tiny random models, CPU, seconds)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ddpo_t2i import add_common_arguments, fill_defaults, import_trl, prepare, run_trainer  # noqa: E402
+from ddpo_t2i import add_common_arguments, cli_main, fill_defaults, import_trl, prepare, run_trainer  # noqa: E402
 
 logger = logging.getLogger("alignprop_t2i")
 
@@ -84,15 +83,7 @@ def run(args, workdir: str | Path | None = None, reward_fn=None) -> dict:
 
 
 def main(argv=None) -> dict:
-    import torch
-
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.tiny:
-        torch.set_num_threads(1)
-    summary = run(args)
-    print(json.dumps(summary))
-    return summary
+    return cli_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

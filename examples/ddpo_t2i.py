@@ -242,16 +242,21 @@ def run(args, workdir: str | Path | None = None, reward_fn=None) -> dict:
     return run_trainer(build, args, workdir, reward_fn, prefix="ddpo_t2i_")
 
 
-def main(argv=None) -> dict:
+def cli_main(parse, run_fn, argv=None) -> dict:
+    """Parse, train, print the summary as JSON (the entry point of both t2i examples)."""
     import torch
 
-    args = parse_args(argv)
+    args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.tiny:
         torch.set_num_threads(1)
-    summary = run(args)
+    summary = run_fn(args)
     print(json.dumps(summary))
     return summary
+
+
+def main(argv=None) -> dict:
+    return cli_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":
