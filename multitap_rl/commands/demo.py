@@ -84,7 +84,7 @@ _STAGE1 = {
 def _offline_model(tmp: str, steps: int):
     """(base dir, checkpoint dir, image size): the tiny base, and a stage-1 model trained on it
     (``steps`` > 0) or the tiny random checkpoint (``steps`` == 0)."""
-    from ..testing import build_tiny_multitap
+    from ..testing import build_tiny_multitap, build_tiny_qwen2_vl
 
     if steps <= 0:
         base, ckpt = build_tiny_multitap(tmp, seed=0)
@@ -92,7 +92,7 @@ def _offline_model(tmp: str, steps: int):
         return base, ckpt, 560
     from ..training import train_stage1
 
-    base, _ = build_tiny_multitap(tmp, seed=0, initializer_range=0.125)
+    base = build_tiny_qwen2_vl(f"{tmp}/base", seed=0, initializer_range=0.125)  # no reward checkpoint: trained next
     cfg = {k: dict(v) for k, v in _STAGE1.items()}
     cfg["model"]["base_model"] = str(base)
     cfg["train"].update(output_dir=f"{tmp}/stage1", max_steps=steps, eval_every=steps)
