@@ -12,18 +12,25 @@ Nothing here falls back to random weights: a missing or unexpected key is an err
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from .errors import CheckpointError
 
 __all__ = [
     "BACKBONE_PREFIX",
     "HEAD_PREFIX",
     "KNOWN_CHECKPOINTS",
     "CheckpointError",
+    "check_tensor",
+    "hub_offline",
+    "checkpoint_fingerprint",
     "load_strict",
     "read_multitap_config",
     "read_state_dict",
@@ -50,14 +57,16 @@ BASE_MODEL_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 CHECKPOINT_FILES = ["*.json", "*.safetensors"]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or base model that cannot be used as asked (missing, mismatched, corrupt)."""
+def hub_offline() -> bool:
+    """True when the Hugging Face hub must not be contacted (``HF_HUB_OFFLINE``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def resolve_dir(name_or_path: str | os.PathLike, *, what: str, allow_patterns: list[str],
                 revision: str | None = None) -> Path:
-    """A local directory as is; otherwise a hub id fetched with ``huggingface_hub`` (cache-aware,
-    honours ``HF_HUB_OFFLINE``). Raises ``CheckpointError`` naming ``what`` when neither works."""
+    """A local directory as is; otherwise a hub id fetched with ``huggingface_hub`` (cache-aware;
+    with ``HF_HUB_OFFLINE`` only the local cache is read, without network retries). Raises
+    ``CheckpointError`` naming ``what`` when neither works."""
     path = Path(os.fspath(name_or_path)).expanduser()
     if path.is_dir():
         return path
@@ -68,23 +77,35 @@ def resolve_dir(name_or_path: str | os.PathLike, *, what: str, allow_patterns: l
         raise CheckpointError(f"{what} {name!r}: no such directory, and not a hub id of the form 'org/name'")
     from huggingface_hub import snapshot_download
 
+    offline = hub_offline()
     try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=allow_patterns))
-    except Exception as exc:  # network, auth, offline cache miss: one clear message
+        return Path(snapshot_download(name, revision=revision, allow_patterns=allow_patterns,
+                                      local_files_only=offline))
+    except Exception as exc:  # network, auth, cache miss: one clear message
+        if offline:
+            raise CheckpointError(f"{what} {name!r}: not a local directory and not available offline "
+                                  "(HF_HUB_OFFLINE is set and it is not in the hub cache): pass a local directory") from None
         raise CheckpointError(
             f"{what} {name!r}: not a local directory and could not be fetched from the hub "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
 
 
 def _shards(ckpt_dir: Path) -> list[Path]:
     index = ckpt_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
+        root = ckpt_dir.resolve()
+        for f in files:  # a shard must be a file inside the checkpoint folder, never ../elsewhere
+            target = (ckpt_dir / f).resolve()
+            if Path(f).is_absolute() or target.parent != root:
+                raise CheckpointError(f"{index}: shard {f!r} lies outside the checkpoint folder; refusing to read it")
         missing = [f for f in files if not (ckpt_dir / f).is_file()]
         if missing:
             raise CheckpointError(f"{ckpt_dir}: shards named in the index are missing: {missing}")
@@ -101,7 +122,9 @@ def _shards(ckpt_dir: Path) -> list[Path]:
 
 
 def read_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) safetensors checkpoint, on CPU."""
+    """All tensors of a (possibly sharded) safetensors checkpoint, on CPU, checked: every tensor is
+    floating point and finite (a NaN, an infinity or an integer weight is a ``CheckpointError``
+    naming the tensor, never a silent wrong score)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -114,13 +137,35 @@ def read_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
         dup = state.keys() & part.keys()
         if dup:
             raise CheckpointError(f"{shard}: keys repeated across shards: {sorted(dup)[:5]}")
+        for key, t in part.items():
+            check_tensor(t, f"{shard}: tensor {key!r}")
         state.update(part)
     return state
 
 
+def check_tensor(t: torch.Tensor, where: str) -> None:
+    """A ``CheckpointError`` naming ``where`` if ``t`` is not a finite floating-point tensor."""
+    if not t.dtype.is_floating_point:
+        raise CheckpointError(f"{where} has dtype {str(t.dtype).replace('torch.', '')}; weights must be floating "
+                              "point (a corrupt or foreign file?)")
+    finite = torch.isfinite(t.float() if t.element_size() == 1 else t)  # fp8 has no isfinite kernel
+    if not bool(finite.all()):
+        n = int((~finite).sum())
+        raise CheckpointError(f"{where} holds {n} NaN or infinite value(s); refusing to score with it")
+
+
 def read_multitap_config(ckpt_dir: Path) -> dict:
+    """Our ``multitap_config.json`` (``{}`` when absent); a corrupt one is a ``CheckpointError``."""
     path = ckpt_dir / MULTITAP_CONFIG
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); repair or delete it") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def split_checkpoint(state: dict[str, torch.Tensor], where: str) -> tuple[dict, dict]:
@@ -221,3 +266,32 @@ def save_sharded(state: dict[str, torch.Tensor], out_dir: Path, max_shard_size: 
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return paths
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes()
+
+
+def checkpoint_fingerprint(backbone_state: Mapping[str, torch.Tensor], head_state: Mapping[str, torch.Tensor],
+                           n_small: int = 4) -> str:
+    """A cheap identity of a checkpoint: ``"sha256:<32 hex>"``.
+
+    Hashes the sorted ``(key, shape, dtype)`` list of the backbone weights, the bytes of the reward
+    head, and the bytes of the ``n_small`` smallest backbone tensors (norm weights and biases, which
+    fine-tuning moves). It reads only tensors already in memory; multi-GB shards are not re-hashed.
+    ``backbone_state`` should use the module's key names (after remapping), so the released layout
+    and a re-saved copy of the same weights agree.
+    """
+    h = hashlib.sha256(b"multitap-rl checkpoint fingerprint v1\n")
+    for key in sorted(backbone_state):
+        t = backbone_state[key]
+        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}\n".encode())
+    for key in sorted(head_state):
+        h.update(f"head:{key}\n".encode())
+        h.update(_tensor_bytes(head_state[key].float()))
+    small = sorted(backbone_state, key=lambda k: (backbone_state[k].numel(), k))[:n_small]
+    for key in small:
+        h.update(f"small:{key}\n".encode())
+        h.update(_tensor_bytes(backbone_state[key]))
+    return "sha256:" + h.hexdigest()[:32]

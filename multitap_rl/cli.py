@@ -2,6 +2,11 @@
 
 Each subcommand lives in ``multitap_rl.commands.<name>`` and exposes ``add_arguments(parser)``
 and ``run(args) -> int``; modules are imported only for the command that runs.
+
+Errors: a :class:`~multitap_rl.errors.MultiTapError` (bad input, files, settings) or an ``OSError``
+(a file that cannot be read or written) is printed as one line and exits with status 2; anything
+else is a bug and keeps its traceback. Machine-readable output goes to stdout alone; logging and
+progress bars go to stderr.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ __all__ = ["COMMANDS", "main"]
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("multitap_rl.commands.demo", "score and rerank captions end to end (tiny offline models by default)"),
+    "demo": ("multitap_rl.commands.demo", "the main job end to end: judge, heads, a captioner that learns (offline)"),
     "rerank": ("multitap_rl.commands.rerank", "rank candidate captions for an image (best-of-N)"),
     "score": ("multitap_rl.commands.score", "score image-text pairs with a MULTI-TAP checkpoint"),
     "train-stage1": ("multitap_rl.commands.train_stage1", "train a MULTI-TAP reward model (stage 1) from a YAML recipe"),
@@ -23,33 +28,34 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("multitap_rl.commands.extract", "write a dataset's features to a resumable feature store (stage 2)"),
     "fit-heads": ("multitap_rl.commands.fit_heads", "fit ridge heads for named dimensions on extracted features"),
     "eval": ("multitap_rl.commands.eval", "per-dimension metrics of heads and overall against targets"),
+    "presets": ("multitap_rl.commands.presets", "list the weights presets and objective schemas with their dimensions"),
 }
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="multitap-rl", description="MULTI-TAP rewards for RL and reranking")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level; show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == chosen:
             importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    from .errors import MultiTapError
+
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
-    except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (MultiTapError, OSError) as exc:
         if args.verbose:
             raise
-        print(f"multitap-rl {args.command}: error: {exc}", file=sys.stderr)
+        message = str(exc) if not isinstance(exc, OSError) or not exc.filename else \
+            f"{exc.strerror or exc}: {exc.filename}"
+        print(f"multitap-rl {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -19,9 +19,9 @@ text-to-image (upscales, aspect-preserving resizes); ``Qwen2VLBackbone.prepare_p
 takes the forward values from the processor itself, so scores equal :meth:`MultiTapModel.score`
 (tests: <= 1e-4; measured 0.0 on the tiny model) while ``d score / d pixels`` exists.
 
-Entry points: :func:`score_pixels` (overall + stage-2 dimensions, differentiable),
-:func:`features_from_pixels` and :func:`combine_with_grad` (a :class:`RewardCombiner`'s weighting,
-normalisation and gates, keeping the graph). The reward adapter for trainers lives in
+Entry points: :func:`score_pixels` (overall + stage-2 dimensions, differentiable) and
+:func:`features_from_pixels`. :class:`multitap_rl.combiner.RewardCombiner` keeps the autograd graph,
+so the weighted reward is differentiable too; the reward adapter for trainers lives in
 ``reward_fns.differentiable``.
 """
 
@@ -33,10 +33,11 @@ from functools import lru_cache
 
 import torch
 
+from .errors import DataError, SampleError
+
 __all__ = [
     "PIL_FILTERS",
     "check_pixels",
-    "combine_with_grad",
     "features_from_pixels",
     "pil_resize",
     "pil_resize_weights",
@@ -329,22 +330,22 @@ def check_pixels(pixels, n: int | None = None, what: str = "image") -> torch.Ten
     if not pixels.is_floating_point():
         raise TypeError(f"{what}s must be a float tensor in [0, 1], got dtype {pixels.dtype}")
     if pixels.dim() != 4 or pixels.shape[1] != 3:
-        raise ValueError(f"{what}s must have shape (B, 3, H, W), got {tuple(pixels.shape)}")
+        raise DataError(f"{what}s must have shape (B, 3, H, W), got {tuple(pixels.shape)}")
     if pixels.shape[2] == 0 or pixels.shape[3] == 0:
-        raise ValueError(f"{what}s are empty: shape {tuple(pixels.shape)}")
+        raise DataError(f"{what}s are empty: shape {tuple(pixels.shape)}")
     if n is not None and pixels.shape[0] != n:
-        raise ValueError(f"got {pixels.shape[0]} {what}s but {n} prompts; pass one prompt per {what}")
+        raise DataError(f"got {pixels.shape[0]} {what}s but {n} prompts; pass one prompt per {what}")
     flat = pixels.detach().reshape(pixels.shape[0], -1)
     finite = torch.isfinite(flat).all(dim=1)
     if not bool(finite.all()):
         i = int((~finite).nonzero()[0])
-        raise ValueError(f"{what} {i}: pixel values contain NaN or infinity")
+        raise SampleError(i, what, "pixel values contain NaN or infinity")
     lo, hi = flat.amin(dim=1), flat.amax(dim=1)
     bad = (lo < 0) | (hi > 1)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        raise ValueError(f"{what} {i}: float pixels must lie in [0, 1], got range [{float(lo[i]):.4g}, "
-                         f"{float(hi[i]):.4g}] (decode with (x / 2 + 0.5).clamp(0, 1))")
+        raise SampleError(i, what, f"float pixels must lie in [0, 1], got range [{float(lo[i]):.4g}, "
+                                   f"{float(hi[i]):.4g}] (decode with (x / 2 + 0.5).clamp(0, 1))")
     return pixels
 
 
@@ -356,8 +357,6 @@ def features_from_pixels(model, pixels: torch.Tensor, texts: Sequence[str],
         raise RuntimeError("differentiable scoring called under torch.inference_mode(); gradients cannot flow")
     check_pixels(pixels, n=len(texts) if isinstance(texts, Sequence) else None)
     bb = model.backbone
-    if not hasattr(bb, "prepare_pixels"):
-        raise NotImplementedError(f"backbone {bb.family!r} has no differentiable preprocessing (prepare_pixels)")
     with torch.enable_grad():
         prepared = [bb.prepare_pixels(pixels[i]) for i in range(pixels.shape[0])]
         return model.engine.features_from_prepared(prepared, texts, questions)
@@ -379,42 +378,3 @@ def score_pixels(model, pixels: torch.Tensor, texts: Sequence[str],
             for name, values in heads.predict(h.float().cpu()).items():
                 dims[name] = torch.as_tensor(values).to(model.device, torch.float32)
     return dims
-
-
-def combine_with_grad(combiner, dims: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """A :class:`multitap_rl.objectives.RewardCombiner`'s reward, keeping the autograd graph.
-
-    Same weights, normalisation (``running`` statistics are updated from detached values, as the
-    combiner does) and gates as ``combiner(dims).reward`` -- equal in value -- but (B,) on the
-    device of ``dims`` and differentiable. Gates are piecewise: a sample whose reward a gate caps
-    gets the constant cap (no gradient); a penalised sample keeps its gradient.
-    """
-    missing = [n for n in combiner.weights.names if n not in dims]
-    if missing:
-        raise ValueError(f"scores lack weighted dimension(s) {missing}; got {list(dims)}")
-    first = next(iter(dims.values()))
-    n = first.shape[0]
-    for name, v in dims.items():
-        if v.dim() != 1 or v.shape[0] != n:
-            raise ValueError(f"dimension {name!r} has shape {tuple(v.shape)}, expected ({n},)")
-        if not bool(torch.isfinite(v.detach()).all()):
-            bad = int((~torch.isfinite(v.detach())).nonzero()[0])
-            raise ValueError(f"dimension {name!r} is not finite at sample {bad}")
-    reward = torch.zeros(n, dtype=torch.float32, device=first.device)
-    for name, w in combiner.weights.items():
-        v = dims[name].float()
-        if combiner.normalize == "fixed":
-            mean, std = combiner.stats[name]
-            v = (v - mean) / std
-        elif combiner.normalize == "running" and n:
-            combiner.running.update(name, v.detach().cpu())
-            mean, var = combiner.running.mean[name], combiner.running.var[name]
-            v = (v - mean) / math.sqrt(var + combiner.running.eps)
-        reward = reward + w * v
-    for g in combiner.gates:
-        low = dims[g.dim].detach() < g.threshold
-        if g.mode == "cap":
-            reward = torch.where(low, torch.clamp(reward, max=g.value), reward)
-        else:
-            reward = torch.where(low, reward - g.value, reward)
-    return reward

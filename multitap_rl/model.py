@@ -17,36 +17,56 @@ from .checkpoint import (
     BASE_MODEL_FILES,
     CHECKPOINT_FILES,
     KNOWN_CHECKPOINTS,
-    CheckpointError,
+    checkpoint_fingerprint,
     load_strict,
     read_multitap_config,
     read_state_dict,
     resolve_dir,
     split_checkpoint,
 )
-from .heads import checkpoint_fingerprint
+from .errors import CheckpointError, ConfigError, SampleError
 from .scoring import EngineConfig, FeatureEngine
 
-__all__ = ["MultiTapModel", "ScoreOutput", "default_device", "resolve_dtype"]
+__all__ = ["AUTO", "ON_ERROR", "MultiTapModel", "ScoreOutput", "default_device", "resolve_device", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
+
+
+ON_ERROR = ("raise", "skip")
 
 
 @dataclass
 class ScoreOutput:
     """Scores for N samples. ``overall``: (N,) float32 stage-1 score in (0, 1). ``dims``: stage-2
-    dimension name -> (N,) float32 (empty without heads)."""
+    dimension name -> (N,) float32 (empty without heads). ``errors``: sample index -> the
+    :class:`~multitap_rl.errors.SampleError` that kept it from being scored (only with
+    ``on_error="skip"``; those samples' values are NaN and :attr:`valid` is False there)."""
 
     overall: torch.Tensor
     dims: dict[str, torch.Tensor] = field(default_factory=dict)
+    errors: dict[int, SampleError] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.overall.shape[0])
 
-    def rows(self) -> list[dict[str, float]]:
-        """One ``{"overall": x, <dim>: y, ...}`` dict per sample."""
+    @property
+    def valid(self) -> torch.Tensor:
+        """(N,) bool: True where the sample was scored."""
+        mask = torch.ones(len(self), dtype=torch.bool)
+        for i in self.errors:
+            mask[i] = False
+        return mask
+
+    def rows(self) -> list[dict[str, float | str]]:
+        """One ``{"overall": x, <dim>: y, ...}`` dict per sample (``{"error": message}`` for a
+        sample that could not be scored)."""
         cols = {"overall": self.overall, **self.dims}
-        return [{k: float(v[i]) for k, v in cols.items()} for i in range(len(self))]
+        return [{"error": str(self.errors[i])} if i in self.errors else {k: float(v[i]) for k, v in cols.items()}
+                for i in range(len(self))]
+
+
+AUTO = "auto"  # image_size / max_length: the checkpoint's own value (ours record it), else the reference's
+_REFERENCE_SETTINGS = {"image_size": 560, "max_length": 1024}
 
 
 def default_device() -> torch.device:
@@ -61,17 +81,54 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(device) -> torch.device:
+    """``None`` -> :func:`default_device`; otherwise the device, checked to exist here."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r}: not a torch device ({exc})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: no CUDA GPU is available here (use 'cpu', or leave it unset)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type not in ("cpu", "meta") and not hasattr(torch, dev.type):
+        raise ConfigError(f"device {device!r}: unsupported device type")
+    return dev
+
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     """``None``/"auto" -> bfloat16 on GPU, float32 elsewhere; strings like "bf16" accepted."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
-    return names[dtype]
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _settings(meta: dict, image_size, max_length, where: str) -> tuple:
+    """(image_size, max_length): "auto" takes the checkpoint's recorded value (else the reference's);
+    an explicit value that differs from the recorded one wins, with a warning (scores change)."""
+    out = []
+    for key, value in (("image_size", image_size), ("max_length", max_length)):
+        recorded = meta.get(key) if key in meta else None
+        if isinstance(value, str):
+            if value != AUTO:
+                raise ConfigError(f"{key} must be an int, None or 'auto', got {value!r}")
+            value = meta[key] if key in meta else _REFERENCE_SETTINGS[key]
+        elif recorded is not None and recorded != value:
+            logger.warning("%s was trained with %s=%s but is loaded with %s=%s (scores change)", where, key,
+                           recorded, key, value)
+        out.append(value)
+    return tuple(out)
 
 
 def _chat_template(tokenizer, base_dir: Path) -> str:
@@ -96,6 +153,21 @@ def _backbone_options(options) -> dict:
     return dict(options)
 
 
+def _no_base_model_message(ckpt_dir: Path, name: str) -> str:
+    """Why a checkpoint has no base model: it may be a base model itself, not a MULTI-TAP checkpoint."""
+    cfg = ckpt_dir / "config.json"
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        model_type = None
+    if model_type:
+        return (f"{name!r} is a base model ({model_type}), not a MULTI-TAP checkpoint: pass it as the base model "
+                "(base_model= / --base-model) together with a MULTI-TAP checkpoint, or start a new reward model "
+                "from it with MultiTapModel.from_base_model / a stage-1 recipe")
+    return (f"checkpoint {name!r} does not name its base model: pass the base model (base_model= / --base-model, "
+            "e.g. Qwen/Qwen2-VL-2B-Instruct)")
+
+
 def _load_backbone(base_dir: Path, base_name, state: dict[str, torch.Tensor], where: str, dev: torch.device,
                    dt: torch.dtype, *, rope: str, image_size, max_length, backbone_options) -> tuple[Backbone, dict]:
     """The backbone adapter for ``base_dir``'s config with ``state`` loaded strictly into an
@@ -104,24 +176,38 @@ def _load_backbone(base_dir: Path, base_name, state: dict[str, torch.Tensor], wh
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
     from transformers.initialization import no_init_weights
 
+    name = os.fspath(base_name)
     try:
         config = AutoConfig.from_pretrained(base_dir)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"base model {os.fspath(base_name)!r}: cannot read config.json ({exc})") from None
-    backbone_cls = backbone_for(config)
-    state, ignored = backbone_cls.remap_state_dict(state)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"base model {name!r}: cannot read its config.json ({exc})") from None
+    try:
+        backbone_cls = backbone_for(config)
+        state, ignored = backbone_cls.remap_state_dict(state)
+    except ValueError as exc:
+        raise CheckpointError(f"base model {name!r}: {exc}") from None
     if ignored:
         logger.info("ignoring %s (not needed to score)", ", ".join(ignored))
     with no_init_weights(), torch.device(dev):
         module = backbone_cls.build_module(config, dtype=dt)
     load_strict(module, state, where)
     module.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    image_processor = AutoImageProcessor.from_pretrained(base_dir)
-    backbone = backbone_cls(
-        module, tokenizer, image_processor, _chat_template(tokenizer, base_dir),
-        rope=rope, image_size=image_size, max_length=max_length, **_backbone_options(backbone_options),
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        image_processor = AutoImageProcessor.from_pretrained(base_dir)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"base model {name!r}: cannot load its tokenizer or image processor ({exc})") from None
+    if len(tokenizer) < 16:  # transformers builds an almost empty tokenizer when the files are missing
+        raise CheckpointError(f"base model {name!r}: its tokenizer has {len(tokenizer)} token(s); the tokenizer files "
+                              "(tokenizer.json / tokenizer_config.json) are missing or broken")
+    options = _backbone_options(backbone_options)
+    try:
+        backbone = backbone_cls(module, tokenizer, image_processor, _chat_template(tokenizer, base_dir),
+                                rope=rope, image_size=image_size, max_length=max_length, **options)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise CheckpointError(f"base model {name!r}: {exc}") from None
     return backbone, state
 
 
@@ -152,8 +238,8 @@ class MultiTapModel(nn.Module):
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         rope: str | None = None,
-        max_length: int | None = 1024,
-        image_size: int | None = 560,
+        max_length: int | None | str = AUTO,
+        image_size: int | None | str = AUTO,
         engine: EngineConfig | None = None,
         revision: str | None = None,
         trust_legacy_heads: bool = False,
@@ -171,32 +257,30 @@ class MultiTapModel(nn.Module):
             device, dtype: default: this process's GPU in bfloat16, else CPU in float32.
             rope: "reference" (arange positions, as the released checkpoints were scored) or
                 "mrope"; default from our checkpoint metadata, else "reference".
-            max_length: truncate prompts to this many tokens as the reference does (None: never).
-            image_size: images are resized to ``image_size`` squared (reference: 560).
+            max_length: truncate prompts to this many tokens as the reference does (None: never);
+                "auto": the value our checkpoint recorded, else the reference's 1024.
+            image_size: images are resized to ``image_size`` squared (None: not resized); "auto":
+                the value our checkpoint recorded, else the reference's 560. An explicit value that
+                differs from the recorded one is used, with a warning.
             engine: batching options (token budget, image/prefix sharing).
             backbone_options: extra keyword arguments of the backbone adapter, e.g.
                 ``{"pad_token": "<|eot_id|>"}`` for Llama-3.2-Vision (see ``backbones/mllama.py``);
                 default: those saved in our checkpoint metadata (``save_pretrained`` records them).
         """
-        # 1. Locate the checkpoint and the base model.
+        # 1. Locate the checkpoint and the base model; settings the checkpoint recorded.
         ckpt_dir = resolve_dir(checkpoint, what="checkpoint", allow_patterns=CHECKPOINT_FILES, revision=revision)
         meta = read_multitap_config(ckpt_dir)
-        for key, value in (("image_size", image_size), ("max_length", max_length)):
-            if meta.get(key, value) != value:  # scores change with these: say so
-                logger.warning("checkpoint was trained with %s=%s but is loaded with %s=%s", key, meta[key], key, value)
+        where = f"checkpoint {os.fspath(checkpoint)!r}"
+        image_size, max_length = _settings(meta, image_size, max_length, where)
         base = base_model or meta.get("base_model") or KNOWN_CHECKPOINTS.get(os.fspath(checkpoint))
         if base is None:
-            raise CheckpointError(
-                f"checkpoint {os.fspath(checkpoint)!r} does not name its base model; pass base_model= "
-                "(e.g. Qwen/Qwen2-VL-2B-Instruct)"
-            )
+            raise CheckpointError(_no_base_model_message(ckpt_dir, os.fspath(checkpoint)))
         base_dir = resolve_dir(base, what="base model", allow_patterns=BASE_MODEL_FILES)
-        dev = torch.device(device) if device is not None else default_device()
+        dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
 
         # 2. Backbone (class from the base model's config, weights from the checkpoint, strictly),
         #    tokenizer, image processor and chat template from the base model.
-        where = f"checkpoint {os.fspath(checkpoint)!r}"
         backbone_sd, head_sd = split_checkpoint(read_state_dict(ckpt_dir), where)
         backbone, backbone_sd = _load_backbone(
             base_dir, base, backbone_sd, where, dev, dt, rope=rope or meta.get("rope", "reference"),
@@ -250,7 +334,7 @@ class MultiTapModel(nn.Module):
         # 1. Base model: its own weights (strictly), tokenizer, image processor, chat template.
         base_dir = resolve_dir(base_model, what="base model", allow_patterns=BASE_MODEL_FILES + ["*.safetensors"],
                                revision=revision)
-        dev = torch.device(device) if device is not None else default_device()
+        dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         backbone, _ = _load_backbone(
             base_dir, base_model, read_state_dict(base_dir), f"base model {os.fspath(base_model)!r}", dev, dt,
@@ -385,13 +469,53 @@ class MultiTapModel(nn.Module):
         return self.engine.features(images, texts, questions).cpu()
 
     @torch.inference_mode()
-    def score(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None) -> ScoreOutput:
-        """Score N samples; ``questions=None`` is the caption task, else the instruction task."""
-        h = self.engine.features(images, texts, questions)
-        return self.score_features(h)
+    def score(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None, *,
+              on_error: str = "raise") -> ScoreOutput:
+        """Score N samples; ``questions=None`` is the caption task, else the instruction task.
+
+        ``on_error="raise"`` (default): the first bad sample raises a :class:`SampleError` naming it.
+        ``"skip"``: every bad sample is left out and reported in ``ScoreOutput.errors`` (its values
+        are NaN, ``valid`` False); the others are scored exactly as alone. A score that is not
+        finite is never returned: it is such an error too."""
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        errors: dict[int, SampleError] | None = {} if on_error == "skip" else None
+        h = self.engine.features(images, texts, questions, errors=errors)
+        return self.score_features(h, errors=errors)
 
     @torch.inference_mode()
-    def score_features(self, h: torch.Tensor) -> ScoreOutput:
-        overall = self.overall_from_features(h).float().cpu()
-        dims = self.heads.predict(h.float().cpu()) if self.heads is not None else {}
-        return ScoreOutput(overall=overall, dims=dims)
+    def score_features(self, h: torch.Tensor, *, errors: dict[int, SampleError] | None = None) -> ScoreOutput:
+        """Scores of (N, H) features. Rows listed in ``errors`` are skipped (NaN); a row whose score is
+        not finite raises a :class:`SampleError`, or is added to ``errors`` when a dict is given."""
+        n = h.shape[0]
+        skip = dict(errors or {})
+
+        def fail(i: int, what: str) -> None:
+            exc = SampleError(i, "score", f"{what} not finite (numerical overflow in {self.backbone.dtype}?)")
+            if errors is None:
+                raise exc
+            skip[i] = errors[i] = exc
+
+        # 1. Features: a row that is not finite is that sample's error, never a NaN score.
+        finite = torch.isfinite(h.detach()).all(dim=1).cpu().tolist() if n else []
+        for i in range(n):
+            if i not in skip and not finite[i]:
+                fail(i, "features")
+        # 2. Stage-1 and stage-2 scores of the rows left.
+        keep = torch.tensor([i for i in range(n) if i not in skip], dtype=torch.long)
+        overall = torch.full((n,), float("nan"))
+        names = self.heads.names if self.heads is not None else ()
+        dims = {name: torch.full((n,), float("nan")) for name in names}
+        if keep.numel():
+            hk = h[keep.to(h.device)]
+            overall[keep] = self.overall_from_features(hk).float().cpu()
+            if self.heads is not None:
+                for name, v in self.heads.predict(hk.float().cpu()).items():
+                    dims[name][keep] = v
+        for i in keep.tolist():
+            bad = [k for k, v in {"overall": overall, **dims}.items() if not bool(torch.isfinite(v[i]))]
+            if bad:
+                fail(i, str(bad))
+        for v in (overall, *dims.values()):
+            v[list(skip)] = float("nan")
+        return ScoreOutput(overall=overall, dims=dims, errors=dict(sorted(skip.items())))

@@ -21,7 +21,7 @@ stage-1 head) is never a schema dimension: it is always available.
 Built-in presets (:data:`PRESETS`): ``align-anything-ti2t``, ``align-anything-t2i`` (the
 reference's ``multi_objective_train.py`` data, binarised as it does), ``visionreward`` (a
 VisionReward-style preset) and ``caption`` (no dimensions: features only). User schemas are
-YAML files, e.g. ``recipes/objectives/accessibility.yaml`` (EYE4ALL-style criteria).
+YAML files, e.g. ``multitap_rl/presets/objectives/accessibility.yaml`` (EYE4ALL-style criteria).
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ from __future__ import annotations
 import copy
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .dimensions import OVERALL, check_dimension_name
+from .errors import ConfigError, DataError
 
 __all__ = [
     "PRESETS",
@@ -41,17 +43,9 @@ __all__ = [
     "SampleView",
     "list_schemas",
     "load_schema",
-    "objectives_dir",
 ]
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 TASKS = ("caption", "instruction")
-
-
-def objectives_dir() -> Path:
-    """``recipes/objectives`` of a source checkout (user schemas are plain YAML files)."""
-    default = Path(__file__).resolve().parent.parent / "recipes" / "objectives"
-    return Path(os.environ.get("MULTITAP_OBJECTIVES_DIR", default))
 
 
 @dataclass(frozen=True)
@@ -78,18 +72,17 @@ class Dimension:
     description: str = ""
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
-            raise ValueError(f"bad dimension name {self.name!r}")
-        if self.name == "overall":
-            raise ValueError("'overall' is the stage-1 score; do not declare it as a schema dimension")
+        check_dimension_name(self.name)
+        if self.name == OVERALL:
+            raise ConfigError("'overall' is the stage-1 score; do not declare it as a schema dimension")
         if isinstance(self.index, list):
             object.__setattr__(self, "index", tuple(self.index))
         if isinstance(self.index, tuple) and (not self.index or not all(isinstance(i, int) for i in self.index)):
-            raise ValueError(f"dimension {self.name!r}: index must be an int or a non-empty list of ints")
+            raise ConfigError(f"dimension {self.name!r}: index must be an int or a non-empty list of ints")
         if self.range is not None:
             lo, hi = (float(v) for v in self.range)
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-                raise ValueError(f"dimension {self.name!r}: range must be [lo, hi] with lo < hi, got {self.range}")
+                raise ConfigError(f"dimension {self.name!r}: range must be [lo, hi] with lo < hi, got {self.range}")
             object.__setattr__(self, "range", (lo, hi))
 
     def source(self, tag: str) -> str:
@@ -103,13 +96,13 @@ class Dimension:
             return math.nan
         if self.index is not None:
             if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
-                raise ValueError(f"{where}: column {col!r} must be a list for dimension {self.name!r} (index "
+                raise DataError(f"{where}: column {col!r} must be a list for dimension {self.name!r} (index "
                                  f"{self.index}), got {type(v).__name__}")
             idx = self.index if isinstance(self.index, tuple) else (self.index,)
             try:
                 items = [v[i] for i in idx]
             except IndexError:
-                raise ValueError(f"{where}: column {col!r} has {len(v)} elements; dimension {self.name!r} "
+                raise DataError(f"{where}: column {col!r} has {len(v)} elements; dimension {self.name!r} "
                                  f"reads index {self.index}") from None
             vals = [_number(x, where, col) for x in items]
             x = math.nan if any(math.isnan(a) for a in vals) else sum(vals) / len(vals)
@@ -120,7 +113,7 @@ class Dimension:
         if self.binarize_at is not None:
             x = 1.0 if x >= self.binarize_at else 0.0
         if self.range is not None and not (self.range[0] <= x <= self.range[1]):
-            raise ValueError(f"{where}: {self.name} = {x:g} (column {col!r}) is outside its range "
+            raise DataError(f"{where}: {self.name} = {x:g} (column {col!r}) is outside its range "
                              f"[{self.range[0]:g}, {self.range[1]:g}]")
         return x
 
@@ -143,9 +136,9 @@ def _number(v, where: str, col: str) -> float:
     elif hasattr(v, "item") and getattr(v, "size", 1) == 1:  # numpy scalar
         x = float(v.item())
     else:
-        raise ValueError(f"{where}: column {col!r} must be a number, got {type(v).__name__} {v!r:.40}")
+        raise DataError(f"{where}: column {col!r} must be a number, got {type(v).__name__} {v!r:.40}")
     if math.isinf(x):
-        raise ValueError(f"{where}: column {col!r} is infinite")
+        raise DataError(f"{where}: column {col!r} is infinite")
     return x
 
 
@@ -183,21 +176,21 @@ class ObjectiveSchema:
 
     def __post_init__(self):
         if self.task not in TASKS:
-            raise ValueError(f"schema {self.name!r}: task must be one of {TASKS}, got {self.task!r}")
+            raise ConfigError(f"schema {self.name!r}: task must be one of {TASKS}, got {self.task!r}")
         if not self.samples:
-            raise ValueError(f"schema {self.name!r}: samples must list at least one view")
+            raise ConfigError(f"schema {self.name!r}: samples must list at least one view")
         names = [d.name for d in self.dimensions]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"schema {self.name!r}: dimension names repeat: {dup}")
+            raise ConfigError(f"schema {self.name!r}: dimension names repeat: {dup}")
         for view in self.samples:
             if (view.question is None) != (self.task == "caption"):
-                raise ValueError(f"schema {self.name!r}: task {self.task!r} "
+                raise ConfigError(f"schema {self.name!r}: task {self.task!r} "
                                  + ("takes no question column" if self.task == "caption" else "needs a question column")
                                  + f" (sample view {view.to_dict()})")
         tags = [v.tag for v in self.samples]
         if len(set(tags)) != len(tags):
-            raise ValueError(f"schema {self.name!r}: sample views need distinct tags, got {tags}")
+            raise ConfigError(f"schema {self.name!r}: sample views need distinct tags, got {tags}")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -211,17 +204,17 @@ class ObjectiveSchema:
     @classmethod
     def from_dict(cls, data: Mapping) -> ObjectiveSchema:
         if not isinstance(data, Mapping):
-            raise ValueError(f"a schema must be a mapping, got {type(data).__name__}")
+            raise ConfigError(f"a schema must be a mapping, got {type(data).__name__}")
         known = {"name", "task", "samples", "dimensions", "source", "description", "id_column"}
         dims = []
         for i, d in enumerate(data.get("dimensions") or []):
             if isinstance(d, str):
                 d = {"name": d}
             if not isinstance(d, Mapping) or "name" not in d:
-                raise ValueError(f"schema {data.get('name')!r}: dimension {i} must be a name or a mapping with 'name'")
+                raise ConfigError(f"schema {data.get('name')!r}: dimension {i} must be a name or a mapping with 'name'")
             unknown = set(d) - {"name", "column", "index", "binarize_at", "range", "higher_is_better", "description"}
             if unknown:
-                raise ValueError(f"schema {data.get('name')!r}: dimension {d['name']!r}: "
+                raise ConfigError(f"schema {data.get('name')!r}: dimension {d['name']!r}: "
                                  f"unknown key(s) {sorted(unknown)}")
             d = dict(d)
             if "range" in d and d["range"] is not None:
@@ -230,30 +223,38 @@ class ObjectiveSchema:
         views = []
         for v in data.get("samples") or [{}]:
             if not isinstance(v, Mapping):
-                raise ValueError(f"schema {data.get('name')!r}: each sample view must be a mapping")
+                raise ConfigError(f"schema {data.get('name')!r}: each sample view must be a mapping")
             unknown = set(v) - {"image", "text", "question", "tag"}
             if unknown:
-                raise ValueError(f"schema {data.get('name')!r}: sample view: unknown key(s) {sorted(unknown)}")
+                raise ConfigError(f"schema {data.get('name')!r}: sample view: unknown key(s) {sorted(unknown)}")
             views.append(SampleView(**{k: (str(x) if k == "tag" else x) for k, x in v.items()}))
         task = data.get("task") or ("instruction" if views[0].question else "caption")
         if "name" not in data:
-            raise ValueError("a schema needs a 'name'")
+            raise ConfigError("a schema needs a 'name'")
         return cls(name=str(data["name"]), dimensions=tuple(dims), task=task, samples=tuple(views),
                    source=str(data.get("source", "")), description=str(data.get("description", "")),
                    id_column=data.get("id_column"), extra={k: v for k, v in data.items() if k not in known})
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> ObjectiveSchema:
+    def from_yaml_text(cls, text: str, where: str) -> ObjectiveSchema:
         import yaml
 
         try:
-            data = yaml.safe_load(Path(path).read_text())
+            data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML ({exc})") from None
+            raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from None
+            raise ConfigError(f"{where}: {exc}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> ObjectiveSchema:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
+        return cls.from_yaml_text(text, str(path))
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "task": self.task}
@@ -276,32 +277,33 @@ class ObjectiveSchema:
                    samples=(SampleView(image=image, text=text, question=question),), id_column=id_column)
 
     # -- rows -> samples --------------------------------------------------------------------------------
-    def expand(self, row: Mapping, row_index: int) -> list[dict]:
+    def expand(self, row: Mapping, row_index: int, where: str | None = None) -> list[dict]:
         """The samples of one data row: ``[{"image", "text", "question", "targets": [D floats], "sample": k}]``.
 
-        Missing image/text columns are an error naming the row; a missing or null rating is NaN."""
+        Missing image/text columns are an error naming the row (``where``, default ``"row N"``); a
+        missing or null rating is NaN."""
         if not isinstance(row, Mapping):
-            raise ValueError(f"row {row_index}: expected a mapping of columns, got {type(row).__name__}")
+            raise DataError(f"{where or f'row {row_index}'}: expected a mapping of columns, got {type(row).__name__}")
         out = []
         for k, view in enumerate(self.samples):
-            where = f"row {row_index}" + (f" (sample {view.tag})" if view.tag else "")
+            here = (where or f"row {row_index}") + (f" (sample {view.tag})" if view.tag else "")
             for role in ("image", "text", "question"):
                 col = getattr(view, role)
                 if col is not None and row.get(col) is None:
                     have = ", ".join(sorted(map(str, row))[:20])
-                    raise ValueError(f"{where}: missing {role} column {col!r} (columns: {have})")
+                    raise DataError(f"{here}: missing {role} column {col!r} (columns: {have})")
             text = row[view.text]
             if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{where}: column {view.text!r} must be a non-empty string")
+                raise DataError(f"{here}: column {view.text!r} must be a non-empty string")
             q = row[view.question] if view.question else None
             if q is not None and (not isinstance(q, str) or not q.strip()):
-                raise ValueError(f"{where}: column {view.question!r} must be a non-empty string")
+                raise DataError(f"{here}: column {view.question!r} must be a non-empty string")
             out.append({
                 "image": row[view.image],
                 "text": text,
                 "question": q,
                 "sample": k,
-                "targets": [d.value(row, view.tag, where) for d in self.dimensions],
+                "targets": [d.value(row, view.tag, here) for d in self.dimensions],
             })
         return out
 
@@ -362,29 +364,30 @@ PRESETS: dict[str, dict] = {
 
 
 def list_schemas() -> list[str]:
-    """Built-in preset names plus the YAML files under :func:`objectives_dir`."""
-    names = list(PRESETS)
-    d = objectives_dir()
-    if d.is_dir():
-        names += sorted(p.stem for p in d.glob("*.yaml") if p.stem not in PRESETS)
-    return names
+    """Built-in preset names plus the packaged and user YAML schemas (:mod:`multitap_rl.presets`)."""
+    from .presets import list_presets
+
+    return list(dict.fromkeys([*PRESETS, *list_presets("objectives")]))
 
 
 def load_schema(spec: ObjectiveSchema | Mapping | str | os.PathLike) -> ObjectiveSchema:
-    """A schema from an instance, a dict, a YAML path, a preset name, or a file under ``recipes/objectives``."""
+    """A schema from an instance, a dict, a YAML path, a built-in preset name, or the name of a
+    packaged or user YAML schema (``MULTITAP_OBJECTIVES_DIR``)."""
+    from .presets import preset_text
+
     if isinstance(spec, ObjectiveSchema):
         return spec
     if isinstance(spec, Mapping):
         return ObjectiveSchema.from_dict(spec)
     if not isinstance(spec, (str, os.PathLike)):
-        raise TypeError(f"schema must be a name, a path, a dict or an ObjectiveSchema, got {type(spec).__name__}")
+        raise ConfigError(f"schema must be a name, a path, a dict or an ObjectiveSchema, got {type(spec).__name__}")
     path = Path(os.fspath(spec)).expanduser()
     if path.is_file():
         return ObjectiveSchema.from_yaml(path)
     name = os.fspath(spec)
     if name in PRESETS:
         return ObjectiveSchema.from_dict(copy.deepcopy(PRESETS[name]))
-    user = objectives_dir() / f"{name}.yaml"
-    if user.is_file():
-        return ObjectiveSchema.from_yaml(user)
-    raise ValueError(f"schema {name!r}: no such file or preset; available: {list_schemas()}")
+    found = preset_text("objectives", name)
+    if found is not None:
+        return ObjectiveSchema.from_yaml_text(found[1], found[0])
+    raise ConfigError(f"schema {name!r}: no such file or preset; available: {list_schemas()}")

@@ -1,6 +1,6 @@
 """The batched feature engine: one call turns N (image, text[, question]) samples into (N, H).
 
-How it stays fast without changing a single number the reference computes (DESIGN §4):
+How it stays fast without changing a single number the reference computes (docs/ARCHITECTURE.md):
 
 1. images are decoded once per object and encoded by the vision tower once per *content*
    (GRPO hands us each image G times, often as G separate decoded copies);
@@ -12,13 +12,21 @@ How it stays fast without changing a single number the reference computes (DESIG
    by length, with each micro-batch capped by a token budget; the last real token is gathered
    per row; no ``lm_head``.
 
+Memory is bounded by a chunk, not by N: samples are prepared (decoded, preprocessed, tokenized)
+and run in consecutive chunks of at most ``EngineConfig.max_images_per_chunk`` distinct images,
+so preprocessed pixels of one chunk are freed before the next is prepared (same numbers; an image
+that recurs in a later chunk is encoded again there).
+
 ``share_images=False, share_prefix=False`` runs every sample as one full sequence: the path the
 tests compare against, and the one training uses.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import weakref
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .backbones.base import Backbone, PreparedImage, Segment, Tokenized
+from .errors import ConfigError, DataError, SampleError
 from .images import image_key, load_image
 
 __all__ = ["EngineConfig", "FeatureEngine", "Request", "validate_batch"]
@@ -37,8 +46,15 @@ logger = logging.getLogger(__name__)
 class EngineConfig:
     max_batch_tokens: int = 8192  # cap on B * (cached + new tokens) per language-model call
     max_batch_patches: int = 16384  # cap on vision-tower patches per call
+    max_images_per_chunk: int = 64  # distinct images prepared at once: bounds a call's memory
     share_images: bool = True
     share_prefix: bool = True
+
+    def __post_init__(self):
+        for name in ("max_batch_tokens", "max_batch_patches", "max_images_per_chunk"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"EngineConfig.{name} must be a positive int, got {v!r}")
 
 
 @dataclass
@@ -48,35 +64,85 @@ class Request:
     positions: torch.Tensor | None  # explicit positions for the whole sequence, or None
 
 
-def validate_batch(images: Sequence, texts: Sequence, questions: Sequence | None) -> list[str | None]:
-    """Check lengths and texts; return ``questions`` as a list (None for the caption task)."""
+def _is_list(seq) -> bool:
+    """One entry per sample: a sequence, or any sized indexable (a ``datasets`` column, an array)."""
+    if isinstance(seq, (str, bytes, dict)):
+        return False
+    return isinstance(seq, Sequence) or (hasattr(seq, "__getitem__") and hasattr(seq, "__len__"))
+
+
+def validate_batch(images: Sequence, texts: Sequence, questions: Sequence | None,
+                   errors: dict[int, SampleError] | None = None) -> list[str | None]:
+    """Check lengths and texts; return ``questions`` as a list (None for the caption task).
+
+    A bad text or question is a :class:`SampleError` naming the sample; with ``errors`` (a dict)
+    it is recorded there under the sample's index instead of raised."""
     for name, seq in (("images", images), ("texts", texts)):
-        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+        if not _is_list(seq):
             raise TypeError(f"{name} must be a list (one entry per sample), got {type(seq).__name__}")
     if len(images) != len(texts):
-        raise ValueError(f"got {len(images)} images but {len(texts)} texts; pass one image per text")
+        raise DataError(f"got {len(images)} images but {len(texts)} texts; pass one image per text")
     if questions is None:
         questions = [None] * len(texts)
-    elif isinstance(questions, str) or len(questions) != len(texts):
-        n = "a string" if isinstance(questions, str) else f"{len(questions)} questions"
-        raise ValueError(f"got {n} for {len(texts)} texts; pass one question per text (or None)")
-    for i, text in enumerate(texts):
+    elif isinstance(questions, str) or not _is_list(questions) or len(questions) != len(texts):
+        n = "a string" if isinstance(questions, str) else f"{len(questions)} questions" if _is_list(questions) \
+            else type(questions).__name__
+        raise DataError(f"got {n} for {len(texts)} texts; pass one question per text (or None)")
+    for i, (text, q) in enumerate(zip(texts, questions)):
+        problem = None
         if not isinstance(text, str):
-            raise TypeError(f"text {i}: expected str, got {type(text).__name__}")
-        if not text.strip():
-            raise ValueError(f"text {i}: empty text")
-    for i, q in enumerate(questions):
-        if q is not None and (not isinstance(q, str) or not q.strip()):
-            raise ValueError(f"question {i}: must be a non-empty string or None")
+            problem = SampleError(i, "text", f"expected str, got {type(text).__name__}")
+        elif not text.strip():
+            problem = SampleError(i, "text", "empty text")
+        elif q is not None and (not isinstance(q, str) or not q.strip()):
+            problem = SampleError(i, "question", "must be a non-empty string or None")
+        if problem is not None:
+            if errors is None:
+                raise problem
+            errors.setdefault(i, problem)
     return list(questions)
 
 
-def _tokenize(backbone: Backbone, index: int, text: str, question: str | None, image: PreparedImage) -> Tokenized:
-    """``backbone.tokenize``, with the sample named when it rejects the prompt."""
+def _object_key(obj):
+    """A key for "this very input object" within one call, or None. Paths key by their string;
+    encoded bytes by a digest of their content; other objects (PIL images, arrays, tensors) by a
+    weak reference checked on use, so a freed object whose ``id`` is reused never matches."""
+    if isinstance(obj, (str, os.PathLike)):
+        return ("path", os.fspath(obj))
+    data = obj.get("bytes") if isinstance(obj, dict) else obj
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return ("bytes", hashlib.blake2b(bytes(data), digest_size=16).digest())
+    if isinstance(obj, dict) and isinstance(obj.get("path"), str):
+        return ("path", obj["path"])
     try:
-        return backbone.tokenize(text, question, image)
-    except ValueError as exc:
-        raise ValueError(f"sample {index}: {exc}") from None
+        return ("obj", id(obj), weakref.ref(obj))
+    except TypeError:  # not weak-referenceable: decode it every time
+        return None
+
+
+class _ObjectCache:
+    """``input object -> content key`` for one call, without keeping any object alive."""
+
+    def __init__(self):
+        self._keys: dict = {}
+
+    def get(self, obj):
+        k = _object_key(obj)
+        if k is None:
+            return None
+        if k[0] == "obj":
+            hit = self._keys.get(k[1])
+            return hit[1] if hit is not None and hit[0]() is obj else None
+        return self._keys.get(k)
+
+    def put(self, obj, content: bytes) -> None:
+        k = _object_key(obj)
+        if k is None:
+            return
+        if k[0] == "obj":
+            self._keys[k[1]] = (k[2], content)
+        else:
+            self._keys[k] = content
 
 
 class FeatureEngine:
@@ -86,51 +152,26 @@ class FeatureEngine:
         self.backbone = backbone
         self.config = config or EngineConfig()
 
-    # -- 1. CPU preparation ------------------------------------------------------------------
-    def prepare(self, images: Sequence, texts: Sequence[str], questions: Sequence | None):
-        questions = validate_batch(images, texts, questions)
-        bb = self.backbone
-        by_object: dict[int, int] = {}
-        by_content: dict[bytes, int] = {}
-        prepared: list[PreparedImage] = []
-        image_of: list[int] = []
-        for i, obj in enumerate(images):
-            if self.config.share_images and id(obj) in by_object and not isinstance(obj, (int, float)):
-                image_of.append(by_object[id(obj)])
-                continue
-            pil = load_image(obj, i)
-            key = image_key(pil) if self.config.share_images else None
-            if key is not None and key in by_content:
-                idx = by_content[key]
-            else:
-                idx = len(prepared)
-                prepared.append(bb.prepare_image(pil))
-                if key is not None:
-                    by_content[key] = idx
-            if self.config.share_images:
-                by_object[id(obj)] = idx
-            image_of.append(idx)
-        return prepared, self._requests(prepared, image_of, texts, questions)
+    # -- public ------------------------------------------------------------------------------------
+    def features(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None, *,
+                 errors: dict[int, SampleError] | None = None) -> torch.Tensor:
+        """(N, H) float32 last-position hidden states on the model's device. Gradients flow if
+        enabled by the caller.
 
-    def _requests(self, prepared: list[PreparedImage], image_of: list[int], texts, questions) -> list[Request]:
-        """Sample i uses ``prepared[image_of[i]]``: tokenize it (and its explicit positions)."""
-        bb = self.backbone
-        requests = []
-        n_trunc = 0
-        for i, (text, q) in enumerate(zip(texts, questions)):
-            img = prepared[image_of[i]]
-            tok = _tokenize(bb, i, text, q, img)
-            n_trunc += tok.truncated
-            requests.append(Request(image=image_of[i], tok=tok, positions=bb.positions(tok, img)))
-        if n_trunc:
-            logger.warning("%d sample(s) longer than max_length were truncated (as the reference does)", n_trunc)
-        return requests
-
-    # -- 2. model --------------------------------------------------------------------------------
-    def features(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None) -> torch.Tensor:
-        """(N, H) float32 last-position hidden states. Gradients flow if enabled by the caller."""
-        prepared, requests = self.prepare(images, texts, questions)
-        return self.run(prepared, requests)
+        ``errors``: ``None`` raises the first :class:`SampleError`; a dict collects every bad sample
+        by index instead, and those samples' rows are NaN (the caller must read ``errors``)."""
+        questions = validate_batch(images, texts, questions, errors)
+        n = len(texts)
+        rows: list[torch.Tensor | None] = [None] * n
+        for prepared, requests, owners in self._stream(images, texts, questions, errors):
+            for i, h in zip(owners, self.run(prepared, requests)):
+                rows[i] = h
+        valid = [r for r in rows if r is not None]
+        if not valid:
+            return torch.full((n, self.backbone.hidden_size), float("nan")) if n else \
+                torch.zeros(0, self.backbone.hidden_size)
+        nan = torch.full_like(valid[0], float("nan"))
+        return torch.stack([r if r is not None else nan for r in rows]).float()
 
     def features_from_prepared(self, prepared: Sequence[PreparedImage], texts: Sequence[str],
                                questions: Sequence | None = None) -> torch.Tensor:
@@ -138,8 +179,80 @@ class FeatureEngine:
         values from ``backbone.prepare_pixels``); gradients flow if enabled by the caller."""
         questions = validate_batch(prepared, texts, questions)
         prepared = list(prepared)
-        return self.run(prepared, self._requests(prepared, list(range(len(prepared))), texts, questions))
+        requests = [self._request(i, img_index, prepared[img_index], text, q)
+                    for i, (img_index, text, q) in enumerate(zip(range(len(prepared)), texts, questions))]
+        self._warn_truncated(requests)
+        return self.run(prepared, requests)
 
+    # -- 1. CPU preparation, chunk by chunk -----------------------------------------------------------
+    def _stream(self, images, texts, questions, errors):
+        """Yield (prepared images, requests, sample indices) per chunk of distinct images."""
+        bb, cfg = self.backbone, self.config
+        objects = _ObjectCache()
+        prepared: list[PreparedImage] = []
+        by_content: dict[bytes, int] = {}
+        requests: list[Request] = []
+        owners: list[int] = []
+        truncated = 0
+        for i in range(len(texts)):
+            if errors is not None and i in errors:
+                continue
+            try:
+                obj = images[i]
+                key = objects.get(obj) if cfg.share_images else None
+                pil = None
+                if key is None or key not in by_content:
+                    pil = load_image(obj, i)
+                    bb.check_image(pil)
+                    key = image_key(pil) if cfg.share_images else None
+                    if key is not None:
+                        objects.put(obj, key)
+                if key is None or key not in by_content:
+                    if len(prepared) >= cfg.max_images_per_chunk:  # flush: bound memory by the chunk
+                        truncated += sum(r.tok.truncated for r in requests)
+                        yield prepared, requests, owners
+                        prepared, by_content, requests, owners = [], {}, [], []
+                    try:
+                        prepared.append(bb.prepare_image(pil))
+                    except ValueError as exc:
+                        raise SampleError(i, "image", str(exc)) from None
+                    if key is not None:
+                        by_content[key] = len(prepared) - 1
+                    index = len(prepared) - 1
+                else:
+                    index = by_content[key]
+                requests.append(self._request(i, index, prepared[index], texts[i], questions[i]))
+                owners.append(i)
+            except SampleError as exc:
+                if errors is None:
+                    raise
+                errors.setdefault(i, exc)
+            except ValueError as exc:  # the backbone's own check of this image
+                if errors is None:
+                    raise SampleError(i, "image", str(exc)) from None
+                errors.setdefault(i, SampleError(i, "image", str(exc)))
+        truncated += sum(r.tok.truncated for r in requests)
+        if truncated:
+            logger.warning("%d sample(s) longer than max_length were truncated (as the reference does)", truncated)
+        if requests:
+            yield prepared, requests, owners
+
+    def _request(self, i: int, index: int, img: PreparedImage, text: str, question: str | None) -> Request:
+        """Sample ``i`` (using prepared image ``index``): its tokens and explicit positions."""
+        bb = self.backbone
+        try:
+            tok = bb.tokenize(text, question, img)
+        except ValueError as exc:
+            raise SampleError(i, "text", str(exc)) from None
+        return Request(image=index, tok=tok, positions=bb.positions(tok, img))
+
+    @staticmethod
+    def _warn_truncated(requests: list[Request]) -> None:
+        n = sum(r.tok.truncated for r in requests)
+        if n:
+            logger.warning("%d sample(s) longer than max_length were truncated (as the reference does)", n)
+
+    # -- 2. model --------------------------------------------------------------------------------
     def run(self, prepared: list[PreparedImage], requests: list[Request]) -> torch.Tensor:
         n = len(requests)
         if n == 0:

@@ -6,17 +6,21 @@
 * :func:`ddpo_reward` -- text-to-image RL with the DDPO contract ``(images, prompts, metadata) -> (rewards, info)``
 * :func:`differentiable_reward` -- rewards that backpropagate to the pixels (AlignProp / DRaFT)
 * :func:`build_captioner_trainer`, :func:`captioning_dataset` -- a GRPO/RLOO captioner trainer
+
+All of them wrap one :class:`~reward_fns.core.RewardCore` (spec + shared scorer + combiner).
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __all__ = [
     "DDPOReward",
     "DifferentiableReward",
     "MultiTapScorer",
     "RankedCandidate",
+    "RewardCore",
     "build_captioner_trainer",
     "captioning_dataset",
     "ddpo_reward",
@@ -38,10 +42,24 @@ _LAZY = {
     "DDPOReward": ".ddpo",
     "differentiable_reward": ".differentiable",
     "DifferentiableReward": ".differentiable",
+    "RewardCore": ".core",
 }
+
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load on first use
+    from .best_of_n import RankedCandidate, rerank
+    from .captioner import build_captioner_trainer, captioning_dataset
+    from .core import RewardCore
+    from .ddpo import DDPOReward, ddpo_reward
+    from .differentiable import DifferentiableReward, differentiable_reward
+    from .ppo import MultiTapScorer
+    from .trl import multitap_objective_rewards, multitap_reward
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -2,61 +2,76 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ._shared import get_scorer, spec_for
-from .trl import _dimension_names
+from multitap_rl.errors import ConfigError, DataError, SampleError
+
+from .core import RewardCore
 
 __all__ = ["RankedCandidate", "rerank"]
 
 
 @dataclass
 class RankedCandidate:
-    """One candidate: its ``text``, its ``index`` in the input list, the combined ``reward`` and every
-    dimension's raw value (``dims`` includes ``overall``)."""
+    """One candidate: its ``text``, its ``index`` in the input list, the combined ``reward`` (None
+    for a candidate that could not be scored, ranked last) and every dimension's raw value (``dims``
+    includes ``overall``; ``error`` says why a candidate was not scored)."""
 
     text: str
     index: int
-    reward: float
+    reward: float | None
     dims: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
 
 
-def rerank(images: Sequence, candidates: Sequence[Sequence[str]], weights=None, *, model,
-           base_model=None, heads=None, questions: Sequence[str | None] | None = None,
-           normalize: str = "none", gates: Sequence = (), device=None, dtype=None) -> list[list[RankedCandidate]]:
+def rerank(images: Sequence, candidates: Sequence[Sequence[str]], weights=None, *, model_or_path=None,
+           base_model=None, heads=None, questions: Sequence[str | None] | None = None, normalize: str = "none",
+           gates: Sequence = (), device=None, dtype=None, on_invalid="raise", model=None,
+           image_size="auto", max_length="auto") -> list[list[RankedCandidate]]:
     """Rank each image's candidate texts, best first.
 
     Args:
         images: M images (any form ``MultiTapModel.score`` accepts).
         candidates: M lists of candidate texts (captions, or responses with ``questions``).
-        weights: over ``overall`` and head dimensions (see ``multitap_rl.objectives.Weights``).
-        model: a ``MultiTapModel`` or a checkpoint (directory or hub id; then ``base_model``/``heads``).
+        weights: over ``overall`` and head dimensions (see :class:`multitap_rl.combiner.Weights`).
+        model_or_path: a ``MultiTapModel`` or a checkpoint (directory or hub id; then
+            ``base_model``/``heads``). ``model=`` is its deprecated alias.
         questions: M questions for the instruction task, or None for captions.
         normalize: "none" or "fixed" (z-scores with the heads' statistics).
+        on_invalid: ``"raise"`` (default: a bad image or candidate raises, naming image and
+            candidate) or ``"none"`` (it is ranked last with ``reward=None`` and its ``error``).
     Returns:
         M lists of :class:`RankedCandidate`, sorted by reward (ties keep input order). All M x N
         pairs are scored in one batched call (each image is encoded once).
     """
-    from multitap_rl.objectives import RewardCombiner
-
+    if model is not None:
+        if model_or_path is not None:
+            raise ConfigError("pass model_or_path (model= is its deprecated alias), not both")
+        warnings.warn("rerank(model=...) is renamed model_or_path=", DeprecationWarning, stacklevel=2)
+        model_or_path = model
+    if model_or_path is None:
+        raise ConfigError("rerank needs model_or_path (a MultiTapModel or a checkpoint)")
     if normalize not in ("none", "fixed"):
-        raise ValueError("rerank supports normalize='none' or 'fixed' (running statistics need a stream)")
-    if isinstance(candidates, (str, bytes)) or len(images) != len(candidates):
-        raise ValueError(f"got {len(images)} images but {len(candidates)} candidate lists; pass one list per image")
+        raise ConfigError("rerank supports normalize='none' or 'fixed' (running statistics need a stream)")
+    for name, seq in (("images", images), ("candidates", candidates)):
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+            raise TypeError(f"{name} must be a list (one entry per image), got {type(seq).__name__}")
+    if len(images) != len(candidates):
+        raise DataError(f"got {len(images)} images but {len(candidates)} candidate lists; pass one list per image")
     if questions is not None and len(questions) != len(images):
-        raise ValueError(f"got {len(questions)} questions for {len(images)} images")
-    spec, loaded = spec_for(model, base_model=base_model, heads=heads, device=device, dtype=dtype)
-    names, stats = _dimension_names(spec, loaded)
-    combiner = RewardCombiner(weights, names, normalize=normalize, stats=stats, gates=gates)
+        raise DataError(f"got {len(questions)} questions for {len(images)} images")
+    core = RewardCore(model_or_path, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
+                      gates=gates, device=device, dtype=dtype, image_size=image_size, max_length=max_length,
+                      on_invalid=on_invalid, invalid_options=("raise", "none"))
 
+    # 1. Flatten to M x N pairs (each image object repeated: the engine encodes it once).
     flat_images, flat_texts, flat_q, owner = [], [], [], []
     for i, (image, cands) in enumerate(zip(images, candidates)):
-        if isinstance(cands, (str, bytes)):
-            raise TypeError(f"image {i}: candidates must be a list of strings, got a single string")
+        if isinstance(cands, (str, bytes)) or not isinstance(cands, Sequence):
+            raise TypeError(f"image {i}: candidates must be a list of strings, got {type(cands).__name__}")
         for j, text in enumerate(cands):
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"image {i}, candidate {j}: empty or non-string text")
             flat_images.append(image)
             flat_texts.append(text)
             flat_q.append(None if questions is None else questions[i])
@@ -64,22 +79,24 @@ def rerank(images: Sequence, candidates: Sequence[Sequence[str]], weights=None, 
     ranked: list[list[RankedCandidate]] = [[] for _ in images]
     if not flat_texts:
         return ranked
+
+    # 2. One batched call; errors named by image and candidate.
     try:
-        dims = get_scorer(spec, loaded).score(flat_images, flat_texts, None if questions is None else flat_q)
-    except ValueError as exc:  # "image 7: ..." -> which image/candidate
-        msg = str(exc)
-        head, _, rest = msg.partition(": ")
-        kind, _, k = head.partition(" ")
-        if k.isdigit() and int(k) < len(owner):
-            i, j = owner[int(k)]
-            raise ValueError(f"image {i}, candidate {j}: {kind}: {rest}") from None
-        raise
-    combined = combiner(dims)
+        out = core.score(flat_images, flat_texts, None if questions is None else flat_q)
+    except SampleError as exc:
+        i, j = owner[exc.index]
+        raise exc.at(i, unit="image", detail=f", candidate {j}") from exc
+    combined, idx = core.combine({"overall": out.overall, **out.dims}, out.valid)
+    reward = {int(k): float(r) for k, r in zip(idx, combined.reward.tolist())}
     for k, (i, j) in enumerate(owner):
+        text = flat_texts[k] if isinstance(flat_texts[k], str) else repr(flat_texts[k])
+        if k in out.errors:
+            ranked[i].append(RankedCandidate(text=text, index=j, reward=None, error=out.errors[k].message))
+            continue
         ranked[i].append(RankedCandidate(
-            text=flat_texts[k], index=j, reward=float(combined.reward[k]),
-            dims={name: float(v[k]) for name, v in combined.dims.items()},
+            text=text, index=j, reward=reward[k],
+            dims={name: float(v[k]) for name, v in {"overall": out.overall, **out.dims}.items()},
         ))
     for lst in ranked:
-        lst.sort(key=lambda c: (-c.reward, c.index))
+        lst.sort(key=lambda c: (c.reward is None, -(c.reward or 0.0), c.index))
     return ranked

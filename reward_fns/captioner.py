@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from multitap_rl.errors import ConfigError, DataError, MissingDependencyError
+
 __all__ = ["CAPTION_PROMPT", "build_captioner_trainer", "captioning_dataset"]
 
 logger = logging.getLogger(__name__)
@@ -27,10 +29,10 @@ def captioning_dataset(images, prompt: str = CAPTION_PROMPT):
     if isinstance(images, Dataset):
         ds = images
         if "image" not in ds.column_names:
-            raise ValueError(f"dataset has no 'image' column (columns: {ds.column_names})")
+            raise DataError(f"dataset has no 'image' column (columns: {ds.column_names})")
     else:
         if not isinstance(images, Sequence) or isinstance(images, (str, bytes)) or not images:
-            raise ValueError("images must be a non-empty list or a datasets.Dataset with an 'image' column")
+            raise DataError("images must be a non-empty list or a datasets.Dataset with an 'image' column")
         from multitap_rl.images import load_image
 
         ds = Dataset.from_list([{"image": load_image(im, i)} for i, im in enumerate(images)])
@@ -55,11 +57,11 @@ def build_captioner_trainer(policy, reward_funcs, dataset, *, trainer: str = "gr
     from multitap_rl.backbones.qwen2_vl import image_only_processor
 
     if trainer not in ("grpo", "rloo"):
-        raise ValueError(f"trainer must be 'grpo' or 'rloo', got {trainer!r}")
+        raise ConfigError(f"trainer must be 'grpo' or 'rloo', got {trainer!r}")
     try:
         import trl
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("TRL is needed for RL training: pip install 'multitap-rl[trl]'") from exc
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError("TRL is needed for RL training: pip install 'multitap-rl[trl]'") from None
     on_gpu = torch.cuda.is_available()
     if isinstance(policy, str):
         name = policy

@@ -29,13 +29,45 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ._shared import ScorerSpec, get_scorer, spec_for
+from multitap_rl.errors import DataError
 
-__all__ = ["DDPOReward", "check_prompts", "ddpo_reward", "images_to_pil"]
+from .core import RewardCore
+
+__all__ = ["DDPOReward", "check_prompts", "ddpo_reward", "images_to_pil", "split_images"]
 
 logger = logging.getLogger(__name__)
 
 _SHAPES = "a (B, 3, H, W) float tensor in [0, 1], a (B, H, W, 3) uint8 array, or a list of images"
+
+
+def split_images(images, n: int | None = None) -> list:
+    """A batch of generated images as one object per sample (not decoded yet): the batch's shape and
+    dtype are checked here; each sample is checked when it is loaded (errors name it)."""
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        if images.ndim != 4:
+            raise DataError(f"images must be {_SHAPES}; got an array of shape {tuple(images.shape)}"
+                            + (" (add the batch dimension)" if images.ndim == 3 else ""))
+        if isinstance(images, torch.Tensor):
+            images = images.detach()
+            if images.device.type != "cpu":
+                images = images.cpu()
+            if images.dtype == torch.uint8:  # the image loader reads torch tensors as floats
+                images = images.numpy()
+        dtype = images.dtype
+        if not (dtype == torch.uint8 or dtype == np.uint8 or _is_float(dtype)):
+            raise TypeError(f"images must be float in [0, 1] or uint8, got dtype {dtype}")
+        shape = tuple(images.shape[1:])
+        if not ((shape[0] == 3 and shape[-1] != 3) or shape[-1] == 3):
+            raise DataError(f"images must have 3 channels, (B, 3, H, W) or (B, H, W, 3); got shape "
+                            f"{tuple(images.shape)}")
+        batch = [images[i] for i in range(images.shape[0])]
+    elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+        batch = list(images)
+    else:
+        raise TypeError(f"images must be {_SHAPES}; got {type(images).__name__}")
+    if n is not None and len(batch) != n:
+        raise DataError(f"got {len(batch)} images but {n} prompts; pass one prompt per image")
+    return batch
 
 
 def images_to_pil(images, n: int | None = None) -> list:
@@ -46,32 +78,7 @@ def images_to_pil(images, n: int | None = None) -> list:
     """
     from multitap_rl.images import load_image
 
-    if isinstance(images, (torch.Tensor, np.ndarray)):
-        if images.ndim != 4:
-            raise ValueError(f"images must be {_SHAPES}; got an array of shape {tuple(images.shape)}"
-                             + (" (add the batch dimension)" if images.ndim == 3 else ""))
-        if isinstance(images, torch.Tensor):
-            images = images.detach()
-            if images.device.type != "cpu":
-                images = images.cpu()
-            if images.dtype == torch.uint8:  # the image loader reads torch tensors as floats
-                images = images.numpy()
-        batch = [images[i] for i in range(images.shape[0])]
-        dtype = images.dtype
-        if not (dtype == torch.uint8 or dtype == np.uint8 or _is_float(dtype)):
-            raise TypeError(f"images must be float in [0, 1] or uint8, got dtype {dtype}")
-        for i, img in enumerate(batch):
-            shape = tuple(img.shape)
-            channels_first = shape[0] == 3 and shape[-1] != 3
-            if not (channels_first or shape[-1] == 3):
-                raise ValueError(f"image {i}: expected 3 channels, (3, H, W) or (H, W, 3); got shape {shape}")
-    elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
-        batch = list(images)
-    else:
-        raise TypeError(f"images must be {_SHAPES}; got {type(images).__name__}")
-    if n is not None and len(batch) != n:
-        raise ValueError(f"got {len(batch)} images but {n} prompts; pass one prompt per image")
-    return [load_image(img, i) for i, img in enumerate(batch)]
+    return [load_image(img, i) for i, img in enumerate(split_images(images, n))]
 
 
 def _is_float(dtype) -> bool:
@@ -89,7 +96,7 @@ def check_prompts(prompts) -> list[str]:
         if not isinstance(p, str):
             raise TypeError(f"prompt {i}: expected str, got {type(p).__name__}")
         if not p.strip():
-            raise ValueError(f"prompt {i}: empty prompt (MULTI-TAP scores the image against its prompt)")
+            raise DataError(f"prompt {i}: empty prompt (MULTI-TAP scores the image against its prompt)")
         out.append(p)
     return out
 
@@ -98,7 +105,7 @@ def _check_metadata(metadata, n: int) -> None:
     if metadata is None or isinstance(metadata, dict):
         return
     if isinstance(metadata, Sequence) and not isinstance(metadata, str) and len(metadata) not in (0, n):
-        raise ValueError(f"got {len(metadata)} metadata entries for {n} images")
+        raise DataError(f"got {len(metadata)} metadata entries for {n} images")
 
 
 class DDPOReward:
@@ -108,51 +115,58 @@ class DDPOReward:
     Picklable: it holds a small spec; the model loads once per process on first use.
     """
 
-    def __init__(self, spec: ScorerSpec, model=None, *, weights=None, normalize: str = "none", gates=(),
-                 name: str = "multitap", momentum: float = 0.99):
-        from multitap_rl.objectives import RewardCombiner
-
-        from .trl import _dimension_names
-
-        self.spec = spec
-        if model is not None:
-            get_scorer(spec, model)
-        names, stats = _dimension_names(spec, model)
-        self.combiner = RewardCombiner(weights, names, normalize=normalize, stats=stats, gates=gates,
-                                       momentum=momentum)
+    def __init__(self, core: RewardCore, *, name: str = "multitap"):
+        self.core = core
         self.__name__ = name
 
     @property
+    def spec(self):
+        return self.core.spec
+
+    @property
     def weights(self):
-        return self.combiner.weights
+        return self.core.combiner.weights
+
+    @property
+    def combiner(self):
+        return self.core.combiner
 
     @property
     def dimension_names(self) -> tuple[str, ...]:
-        return tuple(self.combiner.available)
+        return tuple(self.core.dimension_names)
 
     def __call__(self, images, prompts, metadata=None) -> tuple[torch.Tensor, dict]:
         # 1. Validate and convert (cheap, before the model loads).
         prompts = check_prompts(prompts)
-        pils = images_to_pil(images, n=len(prompts))
+        batch = split_images(images, n=len(prompts))
         _check_metadata(metadata, len(prompts))
-        if not prompts:
-            return torch.zeros(0, dtype=torch.float32), {k: torch.zeros(0) for k in self.dimension_names}
-        # 2. One batched forward (caption layout: the prompt is the caption), then the weighting.
-        dims = get_scorer(self.spec).score(pils, prompts)
-        combined = self.combiner(dims)
-        info: dict = {name: values.detach().float().cpu() for name, values in combined.dims.items()}
-        if self.combiner.gates:
-            info["gated"] = combined.gated
-        logger.debug("%s: mean reward %.4f over %d images", self.__name__, float(combined.reward.mean()), len(prompts))
-        return combined.reward.detach().float().cpu(), info
-
-    def __getstate__(self):
-        return dict(self.__dict__)  # only the spec and the combiner: the model stays per process
+        # 2. One batched forward (caption layout: the prompt is the caption), then the weighting
+        #    (also with an empty batch: running statistics are shared across ranks).
+        n = len(prompts)
+        if n:
+            out = self.core.score(batch, prompts)
+            self.core.note_invalid(out.errors, "image")
+            dims, valid = {"overall": out.overall, **out.dims}, out.valid
+        else:
+            dims, valid = {k: torch.zeros(0) for k in self.dimension_names}, None
+        combined, idx = self.core.combine(dims, valid)
+        fill = self.core.on_invalid if isinstance(self.core.on_invalid, float) else 0.0  # "raise": none invalid
+        rewards = torch.full((n,), fill, dtype=torch.float32)
+        rewards[idx] = combined.reward.detach().float().cpu()
+        info: dict = {name: values.detach().float().cpu() for name, values in dims.items()}
+        if self.core.combiner.gates:
+            info["gated"] = torch.zeros(n, dtype=torch.bool)
+            info["gated"][idx] = combined.gated.cpu()
+        if valid is not None and not bool(valid.all()):
+            info["valid"] = valid
+        logger.debug("%s: mean reward %.4f over %d images", self.__name__, float(rewards.mean()) if n else 0.0, n)
+        return rewards, info
 
 
 def ddpo_reward(model_or_path, base_model=None, heads=None, weights=None, *, normalize: str = "none",
-                gates: Sequence = (), device=None, dtype=None, rope=None, max_batch_tokens: int = 8192,
-                offload: bool = False, name: str = "multitap") -> DDPOReward:
+                gates: Sequence = (), momentum: float = 0.99, device=None, dtype=None, rope=None,
+                max_batch_tokens: int = 8192, offload: bool = False, name: str = "multitap", on_invalid="raise",
+                image_size="auto", max_length="auto") -> DDPOReward:
     """A DDPO reward function: ``(images, prompts, metadata) -> (rewards, info)``.
 
     Args:
@@ -160,16 +174,22 @@ def ddpo_reward(model_or_path, base_model=None, heads=None, weights=None, *, nor
             loaded lazily, once per process, on that process's device (bf16 on GPU).
         base_model, heads: as for ``MultiTapModel.from_pretrained``.
         weights: over ``overall`` and the heads' dimensions (dict, ``"overall=1,clarity=0.5"``, YAML
-            path or preset name); default ``overall=1``. Unknown names raise ``ValueError`` here.
-        normalize: "none" | "fixed" (z-score with the heads' stored statistics) | "running" (EMA).
+            path or preset name); default ``overall=1``. Unknown names raise ``ConfigError`` here.
+        normalize: "none" | "fixed" (z-score with the heads' stored statistics) | "running" (EMA
+            with ``momentum``, shared across ranks).
         gates: e.g. ``["safety<0.5:cap=0"]``.
         offload: keep the reward model on CPU between calls (frees accelerator memory).
         name: the callable's ``__name__``.
+        on_invalid: ``"raise"`` (default: an image that cannot be scored fails the call, naming it)
+            or a float given to such images (their ``info`` values are NaN and ``info["valid"]``
+            marks them). A DDPO reward is a tensor, so ``"none"`` is not offered.
 
     Example (TRL 0.22.2)::
 
         trainer = DDPOTrainer(DDPOConfig(...), ddpo_reward(ckpt, weights="overall=1"), prompt_fn, sd_pipeline)
     """
-    spec, model = spec_for(model_or_path, base_model=base_model, heads=heads, device=device, dtype=dtype,
-                           rope=rope, max_batch_tokens=max_batch_tokens, offload=offload)
-    return DDPOReward(spec, model, weights=weights, normalize=normalize, gates=gates, name=name)
+    core = RewardCore(model_or_path, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
+                      gates=gates, momentum=momentum, device=device, dtype=dtype, rope=rope,
+                      max_batch_tokens=max_batch_tokens, offload=offload, image_size=image_size,
+                      max_length=max_length, on_invalid=on_invalid, invalid_options=("raise",))
+    return DDPOReward(core, name=name)

@@ -17,7 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ._shared import ScorerSpec, get_scorer, spec_for
+from multitap_rl.errors import ConfigError
+
+from .core import RewardCore
 from .ddpo import _check_metadata, check_prompts
 
 __all__ = ["DifferentiableReward", "differentiable_reward"]
@@ -29,66 +31,65 @@ class DifferentiableReward:
     """``__call__(images, prompts, metadata=None) -> (rewards (B,) with grad, info)``; see
     :func:`differentiable_reward`. Picklable (holds a spec; the model loads once per process)."""
 
-    def __init__(self, spec: ScorerSpec, model=None, *, weights=None, normalize: str = "none", gates=(),
-                 name: str = "multitap"):
-        from multitap_rl.objectives import RewardCombiner
-
-        from .trl import _dimension_names
-
-        self.spec = spec
-        if model is not None:
-            get_scorer(spec, model)
-        names, stats = _dimension_names(spec, model)
-        self.combiner = RewardCombiner(weights, names, normalize=normalize, stats=stats, gates=gates)
+    def __init__(self, core: RewardCore, *, name: str = "multitap"):
+        self.core = core
         self.__name__ = name
 
     @property
+    def spec(self):
+        return self.core.spec
+
+    @property
     def weights(self):
-        return self.combiner.weights
+        return self.core.combiner.weights
+
+    @property
+    def combiner(self):
+        return self.core.combiner
 
     @property
     def model(self):
-        return get_scorer(self.spec).model
+        return self.core.model
 
     def __call__(self, images: torch.Tensor, prompts, metadata=None) -> tuple[torch.Tensor, dict]:
-        from multitap_rl.differentiable import check_pixels, combine_with_grad, score_pixels
+        from multitap_rl.differentiable import check_pixels, score_pixels
 
         # 1. Validate before any model work.
         prompts = check_prompts(prompts)
         check_pixels(images, n=len(prompts))
         _check_metadata(metadata, len(prompts))
-        # 2. Differentiable scores (model device) -> weighted reward, graph kept.
+        # 2. Differentiable scores (model device) -> weighted reward, graph kept (the one combiner).
         dims = score_pixels(self.model, images, prompts)
-        needs_grad = images.requires_grad
-        for name, w in self.combiner.weights.items():
-            if needs_grad and w != 0 and dims[name].grad_fn is None:
-                raise RuntimeError(f"dimension {name!r} is not differentiable: its heads' predict() ran outside "
-                                   "autograd; drop it from the weights or use the DDPO (non-differentiable) reward")
-        reward = combine_with_grad(self.combiner, dims).to(images.device)
+        if images.requires_grad:
+            for name, w in self.core.combiner.weights.items():
+                if w != 0 and dims[name].grad_fn is None:
+                    raise ConfigError(f"dimension {name!r} is not differentiable: its heads' predict() ran outside "
+                                      "autograd; drop it from the weights or use the DDPO (non-differentiable) "
+                                      "reward")
+        combined, _ = self.core.combine(dims)
         info: dict = {k: v.detach().float().cpu() for k, v in dims.items()}
-        if self.combiner.gates:
-            info["gated"] = torch.zeros(len(prompts), dtype=torch.bool)
-            for g in self.combiner.gates:
-                info["gated"] |= info[g.dim] < g.threshold
-        return reward, info
-
-    def __getstate__(self):
-        return dict(self.__dict__)
+        if self.core.combiner.gates:
+            info["gated"] = combined.gated.cpu()
+        return combined.reward.to(images.device), info
 
 
 def differentiable_reward(model_or_path, base_model=None, heads=None, weights=None, *, normalize: str = "none",
-                          gates: Sequence = (), device=None, dtype=None, rope=None, max_batch_tokens: int = 8192,
-                          name: str = "multitap") -> DifferentiableReward:
+                          gates: Sequence = (), momentum: float = 0.99, device=None, dtype=None, rope=None,
+                          max_batch_tokens: int = 8192, name: str = "multitap", image_size="auto",
+                          max_length="auto") -> DifferentiableReward:
     """A differentiable reward function: ``(images, prompts, metadata) -> (rewards, info)``.
 
     Arguments as for :func:`reward_fns.ddpo_reward` (no ``offload``: the backward pass needs the
-    model where the graph was built). ``images`` must be a (B, 3, H, W) float tensor in [0, 1];
+    model where the graph was built; no ``on_invalid``: a batch of pixels is checked whole, and a
+    bad one raises naming the image). ``images`` must be a (B, 3, H, W) float tensor in [0, 1];
     the returned ``rewards`` (B,) float32 live on its device and carry gradients to it.
 
     Example (TRL 0.22.2)::
 
         trainer = AlignPropTrainer(AlignPropConfig(...), differentiable_reward(ckpt), prompt_fn, sd_pipeline)
     """
-    spec, model = spec_for(model_or_path, base_model=base_model, heads=heads, device=device, dtype=dtype,
-                           rope=rope, max_batch_tokens=max_batch_tokens, offload=False)
-    return DifferentiableReward(spec, model, weights=weights, normalize=normalize, gates=gates, name=name)
+    core = RewardCore(model_or_path, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
+                      gates=gates, momentum=momentum, device=device, dtype=dtype, rope=rope,
+                      max_batch_tokens=max_batch_tokens, offload=False, image_size=image_size,
+                      max_length=max_length, on_invalid="raise", invalid_options=("raise",))
+    return DifferentiableReward(core, name=name)

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._shared import get_scorer, spec_for
-from .trl import _dimension_names
+from .core import RewardCore
 
 __all__ = ["MultiTapScorer"]
 
@@ -23,28 +22,43 @@ class MultiTapScorer:
 
     Same arguments as :func:`reward_fns.trl.multitap_reward` (weights, normalisation, gates,
     lazy once-per-process loading, offload). ``output_device`` places the returned tensor (e.g. the
-    policy's device); default CPU. :meth:`score` returns the full
-    :class:`~multitap_rl.objectives.CombinedReward` (reward + every dimension).
+    policy's device); default CPU. ``on_invalid``: ``"raise"`` (default) or a float given to a
+    sample that cannot be scored. :meth:`score` returns the full
+    :class:`~multitap_rl.combiner.CombinedReward` (reward + every dimension) of the valid samples.
     """
 
     def __init__(self, model_or_path, base_model=None, heads=None, weights=None, *, normalize: str = "none",
-                 gates: Sequence = (), device=None, dtype=None, rope=None, max_batch_tokens: int = 8192,
-                 offload: bool = False, output_device=None, momentum: float = 0.99):
-        from multitap_rl.objectives import RewardCombiner
-
-        self.spec, model = spec_for(model_or_path, base_model=base_model, heads=heads, device=device,
-                                    dtype=dtype, rope=rope, max_batch_tokens=max_batch_tokens, offload=offload)
-        if model is not None:
-            get_scorer(self.spec, model)
-        names, stats = _dimension_names(self.spec, model)
-        self.combiner = RewardCombiner(weights, names, normalize=normalize, stats=stats, gates=gates,
-                                       momentum=momentum)
+                 gates: Sequence = (), momentum: float = 0.99, device=None, dtype=None, rope=None,
+                 max_batch_tokens: int = 8192, offload: bool = False, output_device=None, on_invalid="raise",
+                 image_size="auto", max_length="auto"):
+        self.core = RewardCore(model_or_path, base_model=base_model, heads=heads, weights=weights,
+                               normalize=normalize, gates=gates, momentum=momentum, device=device, dtype=dtype,
+                               rope=rope, max_batch_tokens=max_batch_tokens, offload=offload, image_size=image_size,
+                               max_length=max_length, on_invalid=on_invalid, invalid_options=("raise",))
         self.output_device = None if output_device is None else torch.device(output_device)
         self.__name__ = "multitap_scorer"
 
+    @property
+    def spec(self):
+        return self.core.spec
+
+    @property
+    def combiner(self):
+        return self.core.combiner
+
+    def _combined(self, images, texts, questions):
+        out = self.core.score(images, texts, questions)
+        self.core.note_invalid(out.errors)
+        combined, idx = self.core.combine({"overall": out.overall, **out.dims}, out.valid)
+        return combined, idx, len(out)
+
     def score(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None):
-        return self.combiner(get_scorer(self.spec).score(images, texts, questions))
+        """The :class:`~multitap_rl.combiner.CombinedReward` of the samples that could be scored."""
+        return self._combined(images, texts, questions)[0]
 
     def __call__(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None) -> torch.Tensor:
-        reward = self.score(images, texts, questions).reward
+        combined, idx, n = self._combined(images, texts, questions)
+        fill = self.core.on_invalid if isinstance(self.core.on_invalid, float) else 0.0  # "raise": none invalid
+        reward = torch.full((n,), fill, dtype=torch.float32)
+        reward[idx] = combined.reward.detach().float().cpu()
         return reward if self.output_device is None else reward.to(self.output_device)

@@ -6,14 +6,16 @@ completion. The images of a vision dataset reach us as the ``image`` column (one
 completion) or ``images`` (a list per completion).
 
 * :func:`multitap_reward` -- one callable: the user-weighted combination of ``overall`` and the
-  stage-2 dimensions (normalisation and gates as in :class:`multitap_rl.objectives.RewardCombiner`);
+  stage-2 dimensions (normalisation and gates as in :class:`multitap_rl.combiner.RewardCombiner`);
   logs every dimension's batch mean through ``log_metric``.
 * :func:`multitap_objective_rewards` -- one callable per dimension, named ``multitap_<dim>``, all
   sharing one model and one forward per batch, so TRL's ``reward_weights``,
   ``multi_objective_aggregation`` and per-reward logging apply.
 
 Both are plain picklable callables (not ``nn.Module``: TRL would treat a module as a text
-classifier and never pass it the images).
+classifier and never pass it the images). A completion that cannot be scored (no image, an
+undecodable image, a text the prompt cannot hold) gets ``on_invalid`` (default ``None``, which TRL
+ignores) instead of failing the batch; the count is logged as ``<name>/invalid``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ._shared import ScorerSpec, get_scorer, spec_for
+from multitap_rl.errors import ConfigError, DataError, SampleError
+
+from .core import RewardCore
 
 __all__ = [
     "MultiTapObjectiveReward",
@@ -77,113 +81,148 @@ def prompt_question(prompt) -> str:
 
 
 def _images_from_kwargs(kwargs: dict, n: int) -> list:
-    """One image (or None) per completion from TRL's ``image`` / ``images`` columns."""
+    """One image (or None) per completion from TRL's ``image`` / ``images`` columns. A completion
+    with several images is kept as a list (the scorer reports it as invalid)."""
     if kwargs.get("image") is not None:
         images = list(kwargs["image"])
     elif kwargs.get("images") is not None:
         images = []
-        for i, item in enumerate(kwargs["images"]):
+        for item in kwargs["images"]:
             if item is None or (isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) == 0):
                 images.append(None)
             elif isinstance(item, Sequence) and not isinstance(item, (str, bytes)):
-                if len(item) > 1:
-                    raise ValueError(f"sample {i}: {len(item)} images; MULTI-TAP scores one image per sample")
-                images.append(item[0])
+                images.append(item[0] if len(item) == 1 else _Several(len(item)))
             else:
                 images.append(item)
     else:
-        raise ValueError(
+        raise DataError(
             "no images reached the MULTI-TAP reward: the dataset needs an 'image' column (one per sample) or "
             "an 'images' column (a list per sample)"
         )
     if len(images) != n:
-        raise ValueError(f"got {len(images)} images for {n} completions")
+        raise DataError(f"got {len(images)} images for {n} completions")
     return images
 
 
-class _Base:
-    """Shared plumbing: spec -> scorer, TRL input parsing, None handling."""
+class _Several:
+    """Stands for a completion's several images (MULTI-TAP scores one image per sample)."""
 
-    def __init__(self, spec: ScorerSpec, model, task: str, empty_reward: float | None):
+    def __init__(self, n: int):
+        self.n = n
+
+
+class _TRLReward:
+    """Shared plumbing of the TRL callables: a :class:`RewardCore`, TRL input parsing, per-sample
+    isolation (``on_invalid``) and empty completions (``empty_reward``)."""
+
+    def __init__(self, core: RewardCore, task: str, empty_reward: float | None):
         if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        if empty_reward is not None and not math.isfinite(empty_reward):
-            raise ValueError("empty_reward must be finite or None")
-        self.spec, self.task, self.empty_reward = spec, task, empty_reward
-        if model is not None:
-            get_scorer(spec, model)
+            raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
+        if empty_reward is not None and (isinstance(empty_reward, bool) or not isinstance(empty_reward, (int, float))
+                                         or not math.isfinite(empty_reward)):
+            raise ConfigError(f"empty_reward must be a finite number or None, got {empty_reward!r}")
+        self.core, self.task, self.empty_reward = core, task, empty_reward
+
+    @property
+    def spec(self):
+        return self.core.spec
 
     @property
     def scorer(self):
-        return get_scorer(self.spec)
+        return self.core.scorer
 
-    def _dims(self, prompts, completions, kwargs) -> tuple[list[int], dict[str, torch.Tensor] | None, list[int]]:
-        """(indices scored, dims over those, indices with empty text)."""
+    def _score(self, prompts, completions, kwargs):
+        """(ScoreOutput over the scored completions or None, their indices, indices with empty text,
+        invalid completion -> SampleError named by completion index)."""
         n = len(completions)
         if len(prompts) != n:
-            raise ValueError(f"got {len(prompts)} prompts for {n} completions")
+            raise DataError(f"got {len(prompts)} prompts for {n} completions")
         images = _images_from_kwargs(kwargs, n)
-        texts = [completion_text(c) for c in completions]
-        keep = [i for i in range(n) if images[i] is not None and texts[i].strip()]
-        empty = [i for i in range(n) if images[i] is not None and not texts[i].strip()]
-        if not keep:
-            return keep, None, empty
-        questions = [prompt_question(prompts[i]) for i in keep] if self.task == "instruction" else None
-        dims = self.scorer.score([images[i] for i in keep], [texts[i] for i in keep], questions,
-                                 cache_on=(prompts, completions), tag=self.task)
-        return keep, dims, empty
+        invalid: dict[int, SampleError] = {}
+        texts: list[str | None] = []
+        for i, c in enumerate(completions):
+            try:
+                texts.append(completion_text(c))
+            except TypeError as exc:
+                invalid[i] = SampleError(i, "text", str(exc), unit="completion")
+                texts.append(None)
+        for i, img in enumerate(images):
+            if i in invalid:
+                continue
+            if img is None:
+                invalid[i] = SampleError(i, "image", "missing (no image reached the reward)", unit="completion")
+            elif isinstance(img, _Several):
+                invalid[i] = SampleError(i, "image", f"{img.n} images; MULTI-TAP scores one image per sample",
+                                         unit="completion")
+        questions = None
+        if self.task == "instruction":
+            questions = []
+            for i, p in enumerate(prompts):
+                try:
+                    questions.append(prompt_question(p))
+                except TypeError as exc:
+                    questions.append(None)
+                    invalid.setdefault(i, SampleError(i, "question", str(exc), unit="completion"))
+        empty = [i for i in range(n) if i not in invalid and not texts[i].strip()]
+        keep = [i for i in range(n) if i not in invalid and i not in empty]
+        if invalid and self.core.on_invalid == "raise":
+            raise invalid[min(invalid)]
+        out = None
+        if keep:
+            qs = None if questions is None else [questions[i] for i in keep]
+            try:
+                out = self.core.score([images[i] for i in keep], [texts[i] for i in keep], qs)
+            except SampleError as exc:  # on_invalid="raise": name the completion, not the batch index
+                raise exc.at(keep[exc.index], unit="completion") from exc
+            for j, exc in out.errors.items():
+                invalid[keep[j]] = exc.at(keep[j], unit="completion")
+        return out, keep, empty, invalid
 
-    def _fill(self, n: int, keep: list[int], values: torch.Tensor | None, empty: list[int]) -> list[float | None]:
+    def _fill(self, n: int, keep: list[int], values, empty: list[int], invalid) -> list[float | None]:
         out: list[float | None] = [None] * n
         if values is not None:
-            for i, v in zip(keep, values.tolist()):
-                out[i] = float(v)
+            for i, v in zip(keep, values):
+                out[i] = v
         for i in empty:
             out[i] = self.empty_reward
+        bad = self.core.invalid_value()
+        for i in invalid:
+            out[i] = bad
         return out
 
 
-def _dimension_names(spec: ScorerSpec, model) -> tuple[tuple[str, ...], dict]:
-    """Dimension names (and heads' normalisation stats) without loading the backbone."""
-    if model is not None:
-        heads = getattr(model, "heads", None)
-        return tuple(model.dimension_names), dict(getattr(heads, "stats", {}) or {})
-    if spec.heads is None:
-        return ("overall",), {}
-    from multitap_rl.heads import RidgeHeads
-
-    heads = RidgeHeads.load(spec.heads)
-    return ("overall", *heads.names), dict(heads.stats)
-
-
-class MultiTapReward(_Base):
+class MultiTapReward(_TRLReward):
     """The weighted MULTI-TAP reward as a TRL reward function (see :func:`multitap_reward`)."""
 
-    def __init__(self, spec: ScorerSpec, model=None, *, weights=None, normalize: str = "none", gates=(),
-                 task: str = "caption", name: str = "multitap", empty_reward: float | None = None,
-                 log_dims: bool = True, momentum: float = 0.99):
-        from multitap_rl.objectives import RewardCombiner
-
-        super().__init__(spec, model, task, empty_reward)
-        names, stats = _dimension_names(spec, model)
-        self.combiner = RewardCombiner(weights, names, normalize=normalize, stats=stats, gates=gates,
-                                       momentum=momentum)
+    def __init__(self, core: RewardCore, *, task: str = "caption", name: str = "multitap",
+                 empty_reward: float | None = None, log_dims: bool = True):
+        super().__init__(core, task, empty_reward)
         self.__name__ = name
         self.log_dims = log_dims
 
     @property
     def weights(self):
-        return self.combiner.weights
+        return self.core.combiner.weights
+
+    @property
+    def combiner(self):
+        return self.core.combiner
 
     def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
         n = len(completions)
-        keep, dims, empty = self._dims(prompts, completions, kwargs)
-        if dims is None:
-            return self._fill(n, keep, None, empty)
-        combined = self.combiner(dims)
+        out, keep, empty, invalid = self._score(prompts, completions, kwargs)
+        self.core.note_invalid({i: e for i, e in invalid.items()}, "completion")
+        # combine on every call, also with nothing valid: running statistics are shared across ranks
+        dims = {k: torch.zeros(0) for k in self.core.dimension_names} if out is None else \
+            {"overall": out.overall, **out.dims}
+        valid = None if out is None else out.valid
+        combined, idx = self.core.combine(dims, valid)
+        scored = [keep[int(j)] for j in idx]
+        log_metric = kwargs.get("log_metric")
+        if callable(log_metric):
+            log_metric(f"{self.__name__}/invalid", float(len(invalid)))
         if self.log_dims:
-            log_metric = kwargs.get("log_metric")
-            if callable(log_metric):
+            if callable(log_metric) and len(scored):
                 for name, values in combined.dims.items():
                     log_metric(f"{self.__name__}/{name}", float(values.mean()))
                 if combined.gated is not None:
@@ -191,30 +230,36 @@ class MultiTapReward(_Base):
             log_extra = kwargs.get("log_extra")
             if callable(log_extra):
                 for name, values in combined.dims.items():
-                    log_extra(f"{self.__name__}_{name}", self._fill(n, keep, values, []))
-        return self._fill(n, keep, combined.reward, empty)
+                    log_extra(f"{self.__name__}_{name}", self._fill(n, scored, values.tolist(), [], {}))
+        return self._fill(n, scored, combined.reward.tolist(), empty, invalid)
 
 
-class MultiTapObjectiveReward(_Base):
+class MultiTapObjectiveReward(_TRLReward):
     """One MULTI-TAP dimension as a TRL reward function, named ``multitap_<dim>``."""
 
-    def __init__(self, spec: ScorerSpec, dim: str, model=None, *, task: str = "caption",
-                 empty_reward: float | None = None, prefix: str = "multitap_"):
-        super().__init__(spec, model, task, empty_reward)
+    def __init__(self, core: RewardCore, dim: str, *, task: str = "caption", empty_reward: float | None = None,
+                 prefix: str = "multitap_"):
+        super().__init__(core, task, empty_reward)
+        if dim not in core.dimension_names:
+            raise ConfigError(f"unknown dimension {dim!r}; valid names: {list(core.dimension_names)}")
         self.dim = dim
         self.__name__ = f"{prefix}{dim}"
 
     def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
-        keep, dims, empty = self._dims(prompts, completions, kwargs)
-        if dims is not None and self.dim not in dims:
-            raise ValueError(f"dimension {self.dim!r} not produced by the model; it has {sorted(dims)}")
-        return self._fill(len(completions), keep, None if dims is None else dims[self.dim], empty)
+        out, keep, empty, invalid = self._score(prompts, completions, kwargs)
+        self.core.note_invalid(invalid, "completion")
+        values = None
+        if out is not None:
+            col = out.overall if self.dim == "overall" else out.dims[self.dim]
+            values = [None if j in out.errors else float(col[j]) for j in range(len(keep))]
+        return self._fill(len(completions), keep, values, empty, invalid)
 
 
 def multitap_reward(model_or_path, base_model=None, heads=None, weights=None, *, normalize: str = "none",
-                    gates: Sequence = (), task: str = "caption", device=None, dtype=None, rope=None,
-                    max_batch_tokens: int = 8192, offload: bool = False, name: str = "multitap",
-                    empty_reward: float | None = None, log_dims: bool = True) -> MultiTapReward:
+                    gates: Sequence = (), momentum: float = 0.99, task: str = "caption", device=None, dtype=None,
+                    rope=None, max_batch_tokens: int = 8192, offload: bool = False, name: str = "multitap",
+                    empty_reward: float | None = None, on_invalid="none", log_dims: bool = True,
+                    image_size="auto", max_length="auto") -> MultiTapReward:
     """A TRL reward function: ``(prompts, completions, **kwargs) -> list[float | None]``.
 
     Args:
@@ -222,36 +267,44 @@ def multitap_reward(model_or_path, base_model=None, heads=None, weights=None, *,
             loaded lazily, once per process, on that process's device.
         base_model, heads: as for ``MultiTapModel.from_pretrained``.
         weights: over ``overall`` and the heads' dimensions (dict, ``"safety=2,clarity=1"``, YAML
-            path or preset name); default ``overall=1``. Unknown names raise ``ValueError`` listing
+            path or preset name); default ``overall=1``. Unknown names raise ``ConfigError`` listing
             the valid ones -- here, not at the first training step.
-        normalize: "none" | "fixed" (z-score with the heads' stored statistics) | "running" (EMA).
+        normalize: "none" | "fixed" (z-score with the heads' stored statistics) | "running" (EMA,
+            with ``momentum``; shared across ranks under torch.distributed).
         gates: e.g. ``["safety<0.5:cap=0"]``.
         task: "caption" (completion = caption) or "instruction" (question = the prompt's last user
             text, completion = response).
         offload: move the model to CPU between calls (frees accelerator memory for the policy).
         empty_reward: reward for a completion with no text (default ``None``: TRL treats it as
-            missing). Samples without an image always get ``None``.
+            missing).
+        on_invalid: reward of a completion that cannot be scored (no or bad image, a text the
+            prompt cannot hold): ``"none"`` (default; TRL ignores it), a float, or ``"raise"``.
     """
-    spec, model = spec_for(model_or_path, base_model=base_model, heads=heads, device=device, dtype=dtype,
-                           rope=rope, max_batch_tokens=max_batch_tokens, offload=offload)
-    return MultiTapReward(spec, model, weights=weights, normalize=normalize, gates=gates, task=task, name=name,
-                          empty_reward=empty_reward, log_dims=log_dims)
+    core = RewardCore(model_or_path, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
+                      gates=gates, momentum=momentum, device=device, dtype=dtype, rope=rope,
+                      max_batch_tokens=max_batch_tokens, offload=offload, image_size=image_size,
+                      max_length=max_length, on_invalid=on_invalid)
+    return MultiTapReward(core, task=task, name=name, empty_reward=empty_reward, log_dims=log_dims)
 
 
 def multitap_objective_rewards(model_or_path, base_model=None, heads=None, dims: Sequence[str] | None = None, *,
                                task: str = "caption", device=None, dtype=None, rope=None,
                                max_batch_tokens: int = 8192, offload: bool = False,
-                               empty_reward: float | None = None) -> list[MultiTapObjectiveReward]:
+                               empty_reward: float | None = None, on_invalid="none", image_size="auto",
+                               max_length="auto") -> list[MultiTapObjectiveReward]:
     """One TRL reward function per dimension (``overall`` and each head dimension, or ``dims``),
     named ``multitap_<dim>``, sharing one model and one forward per batch. Pass them with
     ``GRPOConfig(reward_weights=[...], multi_objective_aggregation=...)``."""
-    spec, model = spec_for(model_or_path, base_model=base_model, heads=heads, device=device, dtype=dtype,
-                           rope=rope, max_batch_tokens=max_batch_tokens, offload=offload)
-    names, _ = _dimension_names(spec, model)
+    core = RewardCore(model_or_path, base_model=base_model, heads=heads, device=device, dtype=dtype, rope=rope,
+                      max_batch_tokens=max_batch_tokens, offload=offload, image_size=image_size,
+                      max_length=max_length, on_invalid=on_invalid, combine=False)
+    names = core.dimension_names
+    if isinstance(dims, str):
+        raise ConfigError(f"dims must be a list of dimension names, got the string {dims!r}")
     chosen = list(names if dims is None else dims)
     unknown = [d for d in chosen if d not in names]
     if unknown:
-        raise ValueError(f"unknown dimension(s) {unknown}; valid names: {list(names)}")
+        raise ConfigError(f"unknown dimension(s) {unknown}; valid names: {list(names)}")
     if len(set(chosen)) != len(chosen):
-        raise ValueError(f"dimensions repeat in {chosen}: TRL logs rewards by name")
-    return [MultiTapObjectiveReward(spec, d, model, task=task, empty_reward=empty_reward) for d in chosen]
+        raise ConfigError(f"dimensions repeat in {chosen}: TRL logs rewards by name")
+    return [MultiTapObjectiveReward(core, d, task=task, empty_reward=empty_reward) for d in chosen]

@@ -15,7 +15,7 @@ CANDS = [["A red circle.", "Two dogs.", "A tree near a house.", "Blue."], ["Red.
 
 
 def test_rerank_orders_by_reward_and_matches_score(tiny_model, images):
-    ranked = rerank(images[:2], CANDS, model=tiny_model)
+    ranked = rerank(images[:2], CANDS, model_or_path=tiny_model)
     assert [len(r) for r in ranked] == [4, 2]
     for img, cands, lst in zip(images[:2], CANDS, ranked):
         scores = tiny_model.score([img] * len(cands), cands).overall
@@ -26,20 +26,20 @@ def test_rerank_orders_by_reward_and_matches_score(tiny_model, images):
 
 
 def test_rerank_weights_gates_and_errors(tiny_model, images):
-    flipped = rerank(images[:1], CANDS[:1], {"overall": -1.0}, model=tiny_model)[0]
-    plain = rerank(images[:1], CANDS[:1], model=tiny_model)[0]
+    flipped = rerank(images[:1], CANDS[:1], {"overall": -1.0}, model_or_path=tiny_model)[0]
+    plain = rerank(images[:1], CANDS[:1], model_or_path=tiny_model)[0]
     assert [c.index for c in flipped] == [c.index for c in reversed(plain)]
-    capped = rerank(images[:1], CANDS[:1], model=tiny_model, gates=["overall<2:cap=0.25"])[0]
+    capped = rerank(images[:1], CANDS[:1], model_or_path=tiny_model, gates=["overall<2:cap=0.25"])[0]
     assert all(c.reward == 0.25 for c in capped)
     with pytest.raises(ValueError, match="unknown dimension"):
-        rerank(images[:1], CANDS[:1], "safety=1", model=tiny_model)
-    with pytest.raises(ValueError, match="image 1, candidate 1: empty"):
-        rerank(images[:2], [["a"], ["b", " "]], model=tiny_model)
+        rerank(images[:1], CANDS[:1], "safety=1", model_or_path=tiny_model)
+    with pytest.raises(ValueError, match="image 1, candidate 1: text: empty text"):
+        rerank(images[:2], [["a"], ["b", " "]], model_or_path=tiny_model)
     with pytest.raises(ValueError, match="2 images but 1 candidate lists"):
-        rerank(images[:2], [["a"]], model=tiny_model)
+        rerank(images[:2], [["a"]], model_or_path=tiny_model)
     with pytest.raises(ValueError, match=r"image 1, candidate 0: image: missing"):
-        rerank([images[0], None], [["a"], ["b"]], model=tiny_model)
-    assert rerank(images[:1], [[]], model=tiny_model) == [[]]
+        rerank([images[0], None], [["a"], ["b"]], model_or_path=tiny_model)
+    assert rerank(images[:1], [[]], model_or_path=tiny_model) == [[]]
 
 
 def test_ppo_scorer(tiny_model, tiny_dirs, images):
@@ -76,3 +76,10 @@ def test_best_of_n_example(monkeypatch):
     ranked = best_of_n.main(["--tiny", "-n", "3", "--max-new-tokens", "4"])
     assert len(ranked) == 2 and all(len(r) == 3 for r in ranked)
     assert all(r[0].reward >= r[-1].reward for r in ranked)
+
+
+def test_rerank_model_keyword_is_a_deprecated_alias(tiny_model, images):
+    with pytest.warns(DeprecationWarning, match="model_or_path"):
+        old = rerank(images[:1], CANDS[:1], model=tiny_model)[0]
+    new = rerank(images[:1], CANDS[:1], model_or_path=tiny_model)[0]
+    assert [(c.index, c.reward) for c in old] == [(c.index, c.reward) for c in new]

@@ -34,27 +34,32 @@ def test_score_jsonl_in_order_matches_library(tiny_dirs, tiny_model, images, row
                  "--batch-size", "2"]) == 0
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in got] == [0, 1, 2]
+    assert [r["image"] for r in got] == ["im0.png", "im1.png", "im2.png"]  # the row's fields as written
     lib = tiny_model.score(images[:2], ["A red circle.", "Two dogs."]).overall
-    assert abs(got[0]["overall"] - float(lib[0])) < 1e-6 and abs(got[1]["overall"] - float(lib[1])) < 1e-6
+    assert abs(got[0]["multitap"]["overall"] - float(lib[0])) < 1e-6
+    assert abs(got[1]["multitap"]["overall"] - float(lib[1])) < 1e-6
     q = tiny_model.score(images[2:3], ["A tree."], ["What is shown?"]).overall
-    assert abs(got[2]["overall"] - float(q[0])) < 1e-6
-    assert "scoring" in capsys.readouterr().err  # progress bar on stderr
+    assert abs(got[2]["multitap"]["overall"] - float(q[0])) < 1e-6
+    err = capsys.readouterr().err
+    assert "scoring" in err  # progress bar on stderr
+    assert f"scored 3 of 3 row(s) -> {out}" in err  # where the output went
 
 
 def test_score_single_pair_to_stdout(tiny_dirs, tiny_model, images, tmp_path, capsys):
     images[0].save(tmp_path / "a.png")
     assert main(["score", *_args(tiny_dirs), "--image", str(tmp_path / "a.png"), "--text", "A red circle."]) == 0
     record = json.loads(capsys.readouterr().out.strip())
-    assert abs(record["overall"] - float(tiny_model.score(images[:1], ["A red circle."]).overall[0])) < 1e-6
+    assert abs(record["multitap"]["overall"] - float(tiny_model.score(images[:1], ["A red circle."]).overall[0])) < 1e-6
 
 
 @pytest.mark.parametrize(
     "row, match",
     [
-        ({"image": "missing.png", "text": "x"}, "row 2: image file not found"),
-        ({"image": "im0.png"}, "row 2: missing field 'text'"),
-        ({"image": "im0.png", "text": " "}, "row 2: empty or non-string 'text'"),
-        ({"image": "corrupt.png", "text": "x"}, "row 2: image: cannot decode file"),
+        ({"image": "missing.png", "text": "x"}, "rows.jsonl: line 2: image: file not found"),
+        ({"image": "im0.png"}, "rows.jsonl: line 2: text: missing field 'text'"),
+        ({"image": "im0.png", "text": " "}, "rows.jsonl: line 2: text: empty or not a string"),
+        ({"image": "corrupt.png", "text": "x"}, "rows.jsonl: line 2: image: cannot decode file"),
+        ({"image": "im0.png", "text": "x", "multitap": 1}, "line 2: multitap: the row already has a 'multitap' field"),
     ],
 )
 def test_bad_rows_exit_nonzero_naming_the_row(tiny_dirs, images, tmp_path, capsys, row, match):
@@ -123,8 +128,65 @@ def test_score_image_size_and_max_length_options(tiny_dirs, images, tmp_path, ca
     images[0].save(tmp_path / "a.png")
     assert main(["score", *_args(tiny_dirs), "--image", str(tmp_path / "a.png"), "--text", "A red circle.",
                  "--image-size", "112", "--max-length", "none"]) == 0
-    got = json.loads(capsys.readouterr().out.strip())["overall"]
+    got = json.loads(capsys.readouterr().out.strip())["multitap"]["overall"]
     small = MultiTapModel.from_pretrained(reward, base_model=base, device="cpu", image_size=112, max_length=None)
     assert got == pytest.approx(float(small.score(images[:1], ["A red circle."]).overall[0]), abs=1e-6)
     with pytest.raises(SystemExit):
         main(["score", *_args(tiny_dirs), "--image", "x", "--text", "y", "--image-size", "0"])
+
+
+def test_score_on_error_skip_writes_every_row_with_its_error(tiny_dirs, tiny_model, images, tmp_path, capsys):
+    images[0].save(tmp_path / "im0.png")
+    (tmp_path / "corrupt.png").write_bytes(b"garbage")
+    rows = [{"image": "im0.png", "text": "ok", "overall": "mine"}, {"image": "corrupt.png", "text": "x"},
+            {"image": "missing.png", "text": "y"}, {"image": "im0.png", "text": "also ok", "_line": 7}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "o.jsonl"
+    assert main(["score", *_args(tiny_dirs), "--input", str(path), "--output", str(out), "--on-error", "skip"]) == 0
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [{k: v for k, v in g.items() if k != "multitap"} for g in got] == rows  # the user's fields untouched
+    assert "cannot decode" in got[1]["multitap"]["error"] and "line 2" in got[1]["multitap"]["error"]
+    assert "file not found" in got[2]["multitap"]["error"]
+    want = tiny_model.score([images[0], images[0]], ["ok", "also ok"]).overall
+    assert [got[0]["multitap"]["overall"], got[3]["multitap"]["overall"]] == pytest.approx(want.tolist(), abs=1e-6)
+    assert "scored 2 of 4 row(s)" in capsys.readouterr().err
+
+
+def test_score_output_is_checked_before_scoring(tiny_dirs, images, rows_file, tmp_path, capsys):
+    (tmp_path / "adir").mkdir()
+    assert main(["score", *_args(tiny_dirs), "--input", str(rows_file), "--output", str(tmp_path / "adir")]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    existing = tmp_path / "old.jsonl"
+    existing.write_text("keep\n")
+    assert main(["score", *_args(tiny_dirs), "--input", str(rows_file), "--output", str(existing)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and existing.read_text() == "keep\n"
+    assert main(["score", *_args(tiny_dirs), "--input", str(rows_file), "--output", str(existing),
+                 "--overwrite"]) == 0
+    assert len(existing.read_text().splitlines()) == 3
+
+
+def test_cli_speaks_cli(tiny_dirs, images, tmp_path, capsys):
+    base, reward = tiny_dirs
+    images[0].save(tmp_path / "a.png")
+    assert main(["score", *_args(tiny_dirs), "--image", str(tmp_path / "a.png"), "--text", ""]) == 2
+    assert "--text is empty" in capsys.readouterr().err
+    # a base model given as the checkpoint: say what it is, in CLI terms
+    assert main(["score", "--checkpoint", str(base), "--image", str(tmp_path / "a.png"), "--text", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "is a base model (qwen2_vl), not a MULTI-TAP checkpoint" in err and "--base-model" in err
+    # a hub id offline: one line, no traceback
+    assert main(["score", "--checkpoint", "org/not-here", "--image", str(tmp_path / "a.png"), "--text", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not available offline" in err[0] and "pass a local directory" in err[0]
+
+
+def test_presets_lists_weights_and_schemas_with_their_dimensions(capsys):
+    assert main(["presets", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["weights"]["ti2t_safety_first"]["safety"] == 2.0
+    assert got["schemas"]["accessibility"]["dimensions"] == ["afraidness", "nonactionability", "sufficiency",
+                                                              "conciseness"]
+    assert "response_1" in got["schemas"]["align-anything-ti2t"]["columns"]
+    assert main(["presets"]) == 0
+    assert "ti2t_balanced" in capsys.readouterr().out

@@ -111,7 +111,7 @@ def test_empty_batch(tiny_model):
 @pytest.mark.parametrize("images,prompts,metadata,err,match", [
     (torch.rand(3, 32, 32), ("a",), None, ValueError, r"shape \(3, 32, 32\).*add the batch dimension"),
     (torch.rand(1, 1, 2, 3, 4), ("a",), None, ValueError, "got an array of shape"),
-    (torch.rand(2, 5, 8, 8), ("a", "b"), None, ValueError, "image 0: expected 3 channels"),
+    (torch.rand(2, 5, 8, 8), ("a", "b"), None, ValueError, "images must have 3 channels"),
     (torch.rand(2, 3, 8, 8) * 1.5, ("a", "b"), None, ValueError, r"image 0: float pixels must lie in \[0, 1\]"),
     (torch.cat([torch.rand(1, 3, 8, 8), torch.full((1, 3, 8, 8), float("nan"))]), ("a", "b"), None,
      ValueError, "image 1: pixel values contain NaN"),

@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from multitap_rl.differentiable import (
-    combine_with_grad,
     mllama_pixel_values,
     pil_resize,
     pil_resize_weights,
@@ -194,8 +193,8 @@ def test_inference_mode_is_refused(tiny_model, pixels):
 
 # -- combining with gradients ---------------------------------------------------------------------
 @pytest.mark.parametrize("normalize", ["none", "fixed", "running"])
-def test_combine_with_grad_equals_the_combiner(normalize):
-    from multitap_rl.objectives import RewardCombiner
+def test_combiner_keeps_the_graph_and_equals_its_detached_value(normalize):
+    from multitap_rl.combiner import RewardCombiner
 
     stats = {"overall": (0.5, 0.2), "clarity": (1.0, 2.0)}
     kw = dict(normalize=normalize, stats=stats if normalize == "fixed" else None,
@@ -205,7 +204,7 @@ def test_combine_with_grad_equals_the_combiner(normalize):
     overall = torch.tensor([0.9, 0.2, 0.95, 0.7], requires_grad=True)
     clarity = torch.tensor([1.5, 2.0, -1.0, 0.5], requires_grad=True)
     for _ in range(2):  # twice: running statistics evolve identically
-        got = combine_with_grad(a, {"overall": overall, "clarity": clarity})
+        got = a({"overall": overall, "clarity": clarity}).reward
         want = b({"overall": overall.detach(), "clarity": clarity.detach()}).reward
         assert torch.allclose(got.detach(), want, atol=1e-6)
     got.sum().backward()
@@ -214,11 +213,11 @@ def test_combine_with_grad_equals_the_combiner(normalize):
 
 
 def test_combine_hand_computed():
-    from multitap_rl.objectives import RewardCombiner
+    from multitap_rl.combiner import RewardCombiner
 
     c = RewardCombiner({"overall": 2.0, "clarity": -1.0}, ["overall", "clarity"], normalize="fixed",
                        stats={"overall": (0.5, 0.25), "clarity": (0.0, 2.0)})
-    r = combine_with_grad(c, {"overall": torch.tensor([0.75]), "clarity": torch.tensor([1.0])})
+    r = c({"overall": torch.tensor([0.75]), "clarity": torch.tensor([1.0])}).reward
     assert r.item() == pytest.approx(2.0 * (0.75 - 0.5) / 0.25 - 1.0 * (1.0 - 0.0) / 2.0)
 
 
@@ -270,11 +269,11 @@ def test_unknown_weight_rejected_at_construction(tiny_model):
 
 
 def test_nonfinite_dimension_named():
-    from multitap_rl.objectives import RewardCombiner
+    from multitap_rl.combiner import RewardCombiner
 
     c = RewardCombiner(None, ["overall"])
     with pytest.raises(ValueError, match="'overall' is not finite at sample 1"):
-        combine_with_grad(c, {"overall": torch.tensor([0.5, math.nan])})
+        c({"overall": torch.tensor([0.5, math.nan], requires_grad=True)})
 
 
 def test_stage2_dimensions_are_differentiable(tiny_model, pixels):

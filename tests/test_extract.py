@@ -10,13 +10,8 @@ from multitap_rl import MultiTapModel
 from multitap_rl.cli import main
 from multitap_rl.heads import RidgeHeads
 from multitap_rl.testing import make_image
-from multitap_rl.training.stage2 import (
-    evaluate_heads,
-    extract_features,
-    fit_heads,
-    load_features,
-    read_targets,
-)
+from multitap_rl.training.features import extract_features, load_features
+from multitap_rl.training.stage2 import evaluate_heads, fit_heads, read_targets
 
 DIMS = ("prompt_following", "objective_rules", "clarity", "information_richness", "safety")
 WORDS = "a the red green blue circle square left right top small large dog cat tree sky on in with".split()
@@ -139,10 +134,10 @@ def test_resume_refuses_a_different_run(small_model, ti2t_jsonl, tmp_path):
     path, _ = ti2t_jsonl
     extract_features(small_model, path, tmp_path / "s", schema="align-anything-ti2t", chunk_size=4, limit=4,
                      progress=False)
-    with pytest.raises(ValueError, match="different run.*chunk_size"):
+    with pytest.raises(ValueError, match="different input or model.*chunk_size: stored 4 vs now 2"):
         extract_features(small_model, path, tmp_path / "s", schema="align-anything-ti2t", chunk_size=2, limit=4,
                          progress=False)
-    with pytest.raises(ValueError, match="different run.*schema"):
+    with pytest.raises(ValueError, match="different input or model.*schema"):
         extract_features(small_model, path, tmp_path / "s", schema="accessibility", chunk_size=4, limit=4,
                          progress=False)
     out = extract_features(small_model, path, tmp_path / "s", schema="align-anything-ti2t", chunk_size=2, limit=4,
@@ -161,14 +156,14 @@ def test_bad_rows_are_named(small_model, ti2t_jsonl, tmp_path):
     rows[8]["response_2"] = ""
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match=r"row 6 \(sample 0\): image: .*not found"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 7 \(sample 1\): image: .*not found"):
         extract_features(small_model, bad, tmp_path / "s1", schema="align-anything-ti2t", chunk_size=4,
                          progress=False)
     rows[6]["image"] = rows[5]["image"]
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match=r"row 8 \(sample 2\): column 'response_2' must be a non-empty string"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 9 \(sample 2\): column 'response_2' must be a non-empty string"):
         extract_features(small_model, bad, tmp_path / "s2", schema="align-anything-ti2t", progress=False)
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(ValueError, match="no such file"):
         extract_features(small_model, tmp_path / "nope.jsonl", tmp_path / "s3", progress=False)
 
 

@@ -97,4 +97,4 @@ def test_mrope_is_opt_in_and_matches_transformers_mrope(tiny_dirs, qwen_referenc
     got = model.score([images[0]], [text]).overall[0]
     assert abs(float(got) - float(expected)) <= 1e-5
     default = qwen_reference.score(images[0], text)
-    assert abs(float(got) - default) > 1e-6  # M-RoPE really changes scores (DESIGN §3)
+    assert abs(float(got) - default) > 1e-6  # M-RoPE really changes scores (docs/ARCHITECTURE.md)

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from multitap_rl import MultiTapModel
-from multitap_rl.heads import HeadsError, RidgeHeads, checkpoint_fingerprint, convert_legacy_heads, fit_ridge_loo
+from multitap_rl.checkpoint import checkpoint_fingerprint
+from multitap_rl.heads import HeadsError, RidgeHeads, convert_legacy_heads
+from multitap_rl.training.ridge import fit_ridge_heads, fit_ridge_loo
 from multitap_rl.testing import make_image
 
 WORDS = ("a the red green blue yellow circle square triangle cross left right top bottom small large dog cat "
@@ -60,7 +62,7 @@ def test_loo_ridge_matches_sklearn_ridgecv(n, p):
 # -- planted signal -------------------------------------------------------------------------------------
 def test_planted_signal_is_recovered_on_held_out_rows(feats):
     Y = _planted(feats, noise=0.1)
-    heads = RidgeHeads.fit(torch.from_numpy(feats[:240]), Y[:240], names=["a", "b", "c"])
+    heads = fit_ridge_heads(torch.from_numpy(feats[:240]), Y[:240], names=["a", "b", "c"])
     pred = heads.predict_array(torch.from_numpy(feats[240:]).float())
     for d in range(3):
         y = Y[240:, d]
@@ -79,7 +81,7 @@ def test_alpha_by_loo_is_no_worse_than_the_reference_choice(feats):
     ref_alpha = min(train_mse, key=train_mse.get)
     assert ref_alpha == min(REFERENCE_ALPHAS)
     ref_pred = Ridge(alpha=ref_alpha).fit(feats[train], Y[train]).predict(feats[test])
-    ours = RidgeHeads.fit(feats[train], Y[train], names=["a", "b", "c"]).predict_array(feats[test])
+    ours = fit_ridge_heads(feats[train], Y[train], names=["a", "b", "c"]).predict_array(feats[test])
     for d in range(3):
         ours_mse = ((ours[:, d] - Y[test, d]) ** 2).mean()
         ref_mse = ((ref_pred[:, d] - Y[test, d]) ** 2).mean()
@@ -92,18 +94,18 @@ def test_standardisation_is_folded_into_the_saved_coefficients(feats):
     from sklearn.preprocessing import StandardScaler
 
     Y = _planted(feats, n_dims=2, noise=0.3)
-    heads = RidgeHeads.fit(feats[:200], Y[:200], names=["a", "b"], standardize=True)
+    heads = fit_ridge_heads(feats[:200], Y[:200], names=["a", "b"], standardize=True)
     for d, name in enumerate(heads.names):
         pipe = make_pipeline(StandardScaler(), Ridge(alpha=heads.meta["alphas"][name])).fit(feats[:200], Y[:200, d])
         np.testing.assert_allclose(heads.predict_array(feats[200:])[:, d], pipe.predict(feats[200:]), atol=1e-8)
-    raw = RidgeHeads.fit(feats[:200], Y[:200], names=["a", "b"], standardize=False)
+    raw = fit_ridge_heads(feats[:200], Y[:200], names=["a", "b"], standardize=False)
     assert raw.meta["standardize"] is False and heads.meta["standardize"] is True
 
 
 # -- persistence ------------------------------------------------------------------------------------------
 def test_save_load_gives_identical_predictions_and_metadata(feats, tmp_path):
     Y = _planted(feats, noise=0.2)
-    heads = RidgeHeads.fit(feats[:200], {"safety": Y[:200, 0], "clarity": Y[:200, 1]},
+    heads = fit_ridge_heads(feats[:200], {"safety": Y[:200, 0], "clarity": Y[:200, 1]},
                            fingerprint={"hidden_size": 64, "checkpoint": "sha256:abc"},
                            target_ranges={"safety": (-100, 100)}, overall=np.linspace(0, 1, 200))
     out = heads.save(tmp_path / "heads")
@@ -132,11 +134,11 @@ def test_save_load_gives_identical_predictions_and_metadata(feats, tmp_path):
 
 
 def test_stats_are_the_training_prediction_moments_and_feed_fixed_normalisation(feats):
-    from multitap_rl.objectives import RewardCombiner
+    from multitap_rl.combiner import RewardCombiner
 
     Y = _planted(feats, n_dims=2, noise=0.2)
     overall = np.random.default_rng(0).uniform(size=200)
-    heads = RidgeHeads.fit(feats[:200], Y[:200], names=["a", "b"], overall=overall)
+    heads = fit_ridge_heads(feats[:200], Y[:200], names=["a", "b"], overall=overall)
     pred = heads.predict_array(feats[:200])
     assert heads.stats["a"] == pytest.approx((pred[:, 0].mean(), pred[:, 0].std()), rel=1e-6)
     assert heads.stats["overall"] == pytest.approx((overall.mean(), overall.std()))
@@ -153,12 +155,12 @@ def test_nan_targets_error_by_default_and_drop_per_dimension(feats):
     Y = _planted(feats[:120], n_dims=2, noise=0.2)
     Y[[3, 7], 1] = np.nan
     with pytest.raises(HeadsError, match=r"target 'b' is NaN at row\(s\) \[3, 7\].*nan_policy='drop'"):
-        RidgeHeads.fit(feats[:120], Y, names=["a", "b"])
-    heads = RidgeHeads.fit(feats[:120], Y, names=["a", "b"], nan_policy="drop")
+        fit_ridge_heads(feats[:120], Y, names=["a", "b"])
+    heads = fit_ridge_heads(feats[:120], Y, names=["a", "b"], nan_policy="drop")
     keep = np.ones(120, bool)
     keep[[3, 7]] = False
-    only_b = RidgeHeads.fit(feats[:120][keep], Y[keep, 1], names=["b"])
-    only_a = RidgeHeads.fit(feats[:120], Y[:, 0], names=["a"])
+    only_b = fit_ridge_heads(feats[:120][keep], Y[keep, 1], names=["b"])
+    only_a = fit_ridge_heads(feats[:120], Y[:, 0], names=["a"])
     torch.testing.assert_close(heads.coef[:, 1], only_b.coef[:, 0])  # b: rows 3 and 7 left out
     torch.testing.assert_close(heads.coef[:, 0], only_a.coef[:, 0])  # a: every row
     assert heads.meta["n_train"] == {"a": 120, "b": 118}
@@ -179,15 +181,15 @@ def test_nan_targets_error_by_default_and_drop_per_dimension(feats):
 )
 def test_fit_bad_input_is_a_clear_error(feats, kwargs, match):
     with pytest.raises(HeadsError, match=match):
-        RidgeHeads.fit(feats[:100], **kwargs)
+        fit_ridge_heads(feats[:100], **kwargs)
 
 
 def test_non_finite_features_and_wrong_width_are_errors(feats):
     X = feats[:50].copy()
     X[17, 3] = np.nan
     with pytest.raises(HeadsError, match="features of row 17 are not finite"):
-        RidgeHeads.fit(X, np.zeros(50), names=["a"])
-    heads = RidgeHeads.fit(feats[:50], _planted(feats[:50], 1), names=["a"])
+        fit_ridge_heads(X, np.zeros(50), names=["a"])
+    heads = fit_ridge_heads(feats[:50], _planted(feats[:50], 1), names=["a"])
     with pytest.raises(HeadsError, match=r"features must be \(N, 64\), got \(4, 32\)"):
         heads.predict(torch.zeros(4, 32))
     bad = torch.zeros(3, 64)
@@ -197,7 +199,7 @@ def test_non_finite_features_and_wrong_width_are_errors(feats):
 
 
 def test_corrupt_or_foreign_heads_directory(tmp_path, feats):
-    heads = RidgeHeads.fit(feats[:50], _planted(feats[:50], 2), names=["a", "b"])
+    heads = fit_ridge_heads(feats[:50], _planted(feats[:50], 2), names=["a", "b"])
     out = heads.save(tmp_path / "h")
     cfg = json.loads((out / "heads.json").read_text())
     cfg["names"] = ["a"]
@@ -216,7 +218,7 @@ def test_corrupt_or_foreign_heads_directory(tmp_path, feats):
 def fitted_dir(small_model, feats, tmp_path_factory):
     Y = _planted(feats, n_dims=2, noise=0.1)
     fp = {"hidden_size": small_model.hidden_size, "checkpoint": small_model.info["fingerprint"]}
-    heads = RidgeHeads.fit(feats, {"safety": Y[:, 0], "clarity": Y[:, 1]}, fingerprint=fp)
+    heads = fit_ridge_heads(feats, {"safety": Y[:, 0], "clarity": Y[:, 1]}, fingerprint=fp)
     return heads.save(tmp_path_factory.mktemp("heads") / "h")
 
 
@@ -301,7 +303,7 @@ def test_legacy_pickle_needs_opt_in_and_converts_to_the_safe_format(tmp_path, fe
 
 def test_heads_fit_with_other_extraction_settings_warn(tiny_model, small_model, feats, caplog):
     fp = {"hidden_size": 64, "checkpoint": small_model.info["fingerprint"], "image_size": 112, "rope": "reference"}
-    heads = RidgeHeads.fit(feats[:100], _planted(feats[:100], 1), names=["a"], fingerprint=fp)
+    heads = fit_ridge_heads(feats[:100], _planted(feats[:100], 1), names=["a"], fingerprint=fp)
     try:
         with caplog.at_level(logging.WARNING, logger="multitap_rl.heads"):
             small_model.load_heads(heads)  # same settings: quiet

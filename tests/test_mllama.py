@@ -238,10 +238,10 @@ def test_gradients_reach_cross_attention(tiny_mllama_dirs, images):
 
 # -- bad input ----------------------------------------------------------------------------------------
 def test_bad_input_is_named(tiny_mllama_model, tiny_mllama_dirs, images):
-    with pytest.raises(ValueError, match=r"sample 1: .*<\|image\|>"):
+    with pytest.raises(ValueError, match=r"text 1: .*<\|image\|>"):
         tiny_mllama_model.score(images[:2], ["Fine.", "Look: <|image|> twice."])
     model = _load(tiny_mllama_dirs, max_length=16)
-    with pytest.raises(ValueError, match="sample 0: .*max_length=16"):
+    with pytest.raises(ValueError, match="text 0: .*max_length=16"):
         model.score(images[:1], ["Yes."], ["Describe in detail what the small white square is doing " * 3])
     with pytest.raises(ValueError, match="rope"):
         _load(tiny_mllama_dirs, rope="mrope")

@@ -186,8 +186,17 @@ def test_resume_continues_from_the_saved_step(tiny_dirs, tmp_path):
         assert torch.allclose(a[key], b[key], atol=1e-7, rtol=0), key
     assert part.metrics == pytest.approx(full.metrics)
     # a changed recipe does not silently resume
-    with pytest.raises(ValueError, match="recipe changed"):
+    with pytest.raises(ValueError, match=r"the run changed \(train.batch_size: 2 -> 3\)"):
         train_stage1(_cfg(base, tmp_path / "b", max_steps=6, batch_size=3))
+    # ... nor a changed learning rate or training data; --overwrite starts again
+    with pytest.raises(ValueError, match=r"train.learning_rate: 0.001 -> 0.0001.*--overwrite"):
+        train_stage1(_cfg(base, tmp_path / "b", max_steps=6, batch_size=2, learning_rate=1e-4))
+    with pytest.raises(ValueError, match=r"data.content: "):
+        train_stage1(_cfg(base, tmp_path / "b", max_steps=6, batch_size=2,
+                          data={"dataset_kwargs": {"n_train": 16, "n_eval": 8, "seed": 5}}))
+    fresh = train_stage1(_cfg(base, tmp_path / "b", max_steps=2, batch_size=2, learning_rate=1e-4), overwrite=True)
+    assert fresh.resumed_from is None and fresh.global_step == 2
+    assert not (tmp_path / "b" / "checkpoint-3").exists()
 
 
 def test_head_only_and_frozen_vision_train_only_what_they_say(tiny_dirs, tmp_path):
@@ -206,7 +215,8 @@ def test_head_only_and_frozen_vision_train_only_what_they_say(tiny_dirs, tmp_pat
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_dirs):
-    from multitap_rl.training.stage1 import build_model, load_stage1_config
+    from multitap_rl.training.config import load_stage1_config
+    from multitap_rl.training.stage1 import build_model
 
     base, _ = tiny_dirs
     imgs, texts = _probe(4)

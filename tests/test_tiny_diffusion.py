@@ -73,7 +73,7 @@ def test_bad_image_size():
 
 
 def test_learn_bpe_hand_computed():
-    from multitap_rl._tiny_diffusion import _learn_bpe
+    from multitap_rl.testing.diffusion import _learn_bpe
 
     # "ab" x3, "abc" x1: pairs (a,b</w>)=3, (a,b)=1, (b,c</w>)=1 -> first merge a+b</w>;
     # then "abc" still has (a,b)=1, (b,c</w>)=1 -> tie broken by the pair: ("a","b") < ("b","c</w>").

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from multitap_rl.testing import make_image, make_shapes_dataset
-from multitap_rl.training.data import PreferencePairs, ScoredExamples, collate_examples, collate_pairs
+from multitap_rl.training.examples import PreferencePairs, ScoredExamples, collate_examples, collate_pairs
 from multitap_rl.training.stage1 import pair_metrics, regression_metrics
 
 

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from multitap_rl.errors import ConfigError
+from multitap_rl.training.config import Stage1Config, load_stage1_config
 from multitap_rl.training.recipe import config_to_dict, load_recipe, parse_overrides, save_recipe
-from multitap_rl.training.stage1 import Stage1Config, load_stage1_config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -55,7 +56,7 @@ def test_bad_recipes_name_the_key(overrides, match):
 
 
 def test_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="nope.yaml: no such file"):
         load_stage1_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("- a\n- b\n")

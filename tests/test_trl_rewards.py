@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from reward_fns import multitap_objective_rewards, multitap_reward
-from reward_fns import _shared
+from multitap_rl.errors import ConfigError
+from reward_fns import core
 
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
 
@@ -45,7 +46,7 @@ def test_pickle_round_trip_reloads_in_a_fresh_process_state(reward, images):
     before = reward(prompts=prompts, completions=completions, image=imgs)
     blob = pickle.dumps(reward)
     assert len(blob) < 10_000  # the model does not travel with the callable
-    _shared._SCORERS.clear()  # as in a new process: the model must be reloaded from the spec
+    core.forget_scorers()  # as in a new process: the model must be reloaded from the spec
     clone = pickle.loads(blob)
     assert clone.__name__ == "multitap"
     assert clone(prompts=prompts, completions=completions, image=imgs) == pytest.approx(before, abs=1e-6)
@@ -55,8 +56,8 @@ def test_pickled_in_memory_model_reloads_with_its_heads_and_backbone_options(tin
     """A reward made from a loaded model: another process reloads the checkpoint with the same
     backbone options (Mllama's pad token) and the heads that were attached as an object."""
     from multitap_rl import MultiTapModel
-    from multitap_rl.heads import RidgeHeads
-    from multitap_rl.training.stage2 import model_identity
+    from multitap_rl.training.ridge import fit_ridge_heads
+    from multitap_rl.training.features import model_identity
 
     base, reward_dir = tiny_mllama_dirs
     model = MultiTapModel.from_pretrained(reward_dir, base_model=base, device="cpu", max_length=64,
@@ -64,16 +65,16 @@ def test_pickled_in_memory_model_reloads_with_its_heads_and_backbone_options(tin
     texts = ["A red circle.", "Two dogs.", "A tree.", "Blue.", "A cat on a mat.", "Grass and sky.", "Red.", "Dog."]
     feats = model.features([images[i % 3] for i in range(8)], texts)
     y = {"detail": torch.arange(8.0), "brevity": -torch.arange(8.0)}
-    model.load_heads(RidgeHeads.fit(feats.double(), y, fingerprint=model_identity(model)))
+    model.load_heads(fit_ridge_heads(feats.double(), y, fingerprint=model_identity(model)))
     fn = multitap_reward(model, weights="overall=1,detail=0.5,brevity=0.25")
     prompts, completions, imgs = _batch(images)
     before = fn(prompts=prompts, completions=completions, image=imgs)
     blob = pickle.dumps(fn)
     assert len(blob) < 20_000
-    _shared._SCORERS.clear()  # as in a new process
+    core.forget_scorers()  # as in a new process
     clone = pickle.loads(blob)
     assert clone(prompts=prompts, completions=completions, image=imgs) == pytest.approx(before, abs=1e-6)
-    reloaded = _shared.get_scorer(clone.spec).model
+    reloaded = core.get_scorer(clone.spec).model
     assert reloaded is not model and reloaded.backbone.options() == {"pad_token": "<|eot_id|>"}
     assert reloaded.dimension_names == model.dimension_names
 
@@ -85,9 +86,9 @@ def test_pickled_model_without_a_checkpoint_is_a_clear_error(tiny_dirs, images):
     fn = multitap_reward(MultiTapModel.from_base_model(base, device="cpu", image_size=56))
     prompts, completions, imgs = _batch(images)
     assert len(fn(prompts=prompts, completions=completions, image=imgs)) == 4  # fine in this process
-    _shared._SCORERS.clear()
+    core.forget_scorers()
     clone = pickle.loads(pickle.dumps(fn))
-    with pytest.raises(RuntimeError, match=r"no checkpoint .*save_pretrained"):
+    with pytest.raises(ConfigError, match=r"no checkpoint .*save_pretrained"):
         clone(prompts=prompts, completions=completions, image=imgs)
 
 
@@ -108,8 +109,10 @@ def test_images_column_and_string_completions(reward, tiny_model, images):
     assert out[2] is None
     expected = tiny_model.score(images[:2], ["A.", "B b."]).overall
     assert torch.allclose(torch.tensor(out[:2]), expected, atol=1e-6)
-    with pytest.raises(ValueError, match="sample 0: 2 images"):
-        reward(prompts=prompts[:1], completions=["A."], images=[[images[0], images[1]]])
+    assert reward(prompts=prompts[:1], completions=["A."], images=[[images[0], images[1]]]) == [None]
+    strict = multitap_reward(reward.spec.checkpoint, base_model=reward.spec.base_model, on_invalid="raise")
+    with pytest.raises(ValueError, match="completion 0: image: 2 images"):
+        strict(prompts=prompts[:1], completions=["A."], images=[[images[0], images[1]]])
     with pytest.raises(ValueError, match="no images reached the MULTI-TAP reward"):
         reward(prompts=prompts[:1], completions=["A."])
 
@@ -195,7 +198,7 @@ def test_real_trainer_steps(tmp_path, trainer, steps):
 
 def test_offload_moves_the_model_between_calls(images):
     """offload=True: the model lives on CPU between calls and on its device during one."""
-    from reward_fns._shared import ScorerSpec, SharedScorer
+    from reward_fns.core import ScorerSpec, SharedScorer
 
     class FakeModel:
         def __init__(self):
@@ -207,7 +210,7 @@ def test_offload_moves_the_model_between_calls(images):
             self.device = torch.device(device)
             return self
 
-        def score(self, imgs, texts, questions=None):
+        def score(self, imgs, texts, questions=None, on_error="raise"):
             from multitap_rl.model import ScoreOutput
 
             self.moves.append(f"score on {self.device}")

@@ -97,10 +97,10 @@ def fingerprint(model_dir: str | Path) -> dict:
 
 def load_make_image(repo: Path = REPO):
     """``multitap_rl.testing.make_image`` from this checkout, without importing the package (it
-    needs transformers 5): the function's source is taken out of ``testing.py`` and run alone
-    with the module's absolute imports. tests/test_reference_446.py checks it draws the same
+    needs transformers 5): the function's source is taken out of ``testing/images.py`` and run
+    alone with the module's absolute imports. tests/test_reference_446.py checks it draws the same
     pixels as the package's own ``make_image``."""
-    path = repo / "multitap_rl" / "testing.py"
+    path = repo / "multitap_rl" / "testing" / "images.py"
     tree = ast.parse(path.read_text(), filename=str(path))
     keep = [node for node in tree.body
             if (isinstance(node, ast.Import)

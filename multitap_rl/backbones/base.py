@@ -1,30 +1,48 @@
-"""The small protocol every LVLM backbone adapter implements.
+"""The small protocol every LVLM backbone adapter implements (see docs/ARCHITECTURE.md).
 
-The scoring engine (``multitap_rl.scoring``) is backbone-agnostic. It asks a backbone to
+A backbone adapter holds the transformers module (no ``lm_head``), the tokenizer, the image
+processor and the chat template, and turns (image, text[, question]) samples into MULTI-TAP's
+feature: the final-layer hidden state the reference reads at position -1. The scoring engine
+(``multitap_rl.scoring``) is backbone-agnostic; everything it, the loader, training and the
+differentiable path call is declared here:
 
-1. ``prepare_image(pil) -> PreparedImage``: resize + processor for one (unique) image;
-2. ``tokenize(text, question, image) -> Tokenized``: the reference prompt layout as token ids,
-   with ``prefix_len`` = the number of leading tokens that depend only on the image and the
-   task (not on the text being scored), so those tokens can be shared between samples;
-3. ``encode_images(images) -> list``: run the vision tower once per unique image; each entry
-   is that image's features in whatever form the backbone's ``forward`` consumes (a tensor of
-   placeholder-token embeddings for Qwen2-VL, cross-attention states for Llama-3.2-Vision);
-   the engine only stores them and hands them back per row;
-4. ``forward(segment, ...) -> (feature (B, H), cache)``: run the language model over a
-   right-padded batch of token segments, optionally continuing from a shared prefix cache. For
-   a ``final`` segment the backbone returns each row's *feature* -- the hidden state the
-   reference reads at position -1 of its padded sequence: the last real token when the
-   reference pads on the left (Qwen2-VL), a pad token when it pads on the right (Llama-3.2-Vision;
-   the backbone computes that token itself, see ``backbones/mllama.py``).
+Construction (``multitap_rl.model``):
+    ``build_module(config, dtype)`` (static) -- an uninitialised module the checkpoint loads into;
+    ``remap_state_dict(state)`` / ``export_state_dict(state, layout)`` -- checkpoint key layouts;
+    ``options()`` -- the adapter's own settings that change features (saved with checkpoints).
+Preprocessing (CPU):
+    ``prepare_image(pil) -> PreparedImage`` -- resize + processor for one (unique) image;
+    ``prepare_pixels(pixels) -> PreparedImage`` -- the same for a float tensor, differentiable
+    (forward values from ``prepare_image``; gradients through ``multitap_rl.differentiable``);
+    ``tokenize(text, question, image) -> Tokenized`` -- the reference prompt layout as token ids,
+    with ``prefix_len`` = the number of leading tokens that depend only on the image and the task
+    (not on the text being scored), so those tokens can be shared between samples;
+    ``positions(tokenized, image)`` -- explicit position ids, or None for ``arange``.
+Model (device):
+    ``encode_images(images) -> list`` -- the vision tower, once per unique image; each entry is that
+    image's features in whatever form ``forward`` consumes (placeholder-token embeddings for
+    Qwen2-VL, cross-attention states for Llama-3.2-Vision); the engine only stores them;
+    ``forward(segment, cache, use_cache) -> (feature (B, H), cache)`` -- the language model over a
+    right-padded batch of token segments, optionally continuing from a shared prefix cache. For a
+    ``final`` segment it returns each row's *feature*: the last real token when the reference pads
+    on the left (Qwen2-VL), a pad token when it pads on the right (Llama-3.2-Vision computes that
+    token itself, see ``backbones/mllama.py``);
+    ``select_cache(cache, rows)`` -- the prefix cache row-selected for a suffix micro-batch;
+    ``vision_module()`` -- the vision tower (training freezes it on request).
+Attributes: ``family``, ``model_types`` (the ``config.model_type`` values it serves), ``ropes``,
+``cache_views``, ``hidden_size``, ``pad_id``, ``image_size``, ``max_length``, ``rope``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from PIL import Image
 from torch import nn
+
+from ..errors import ConfigError
 
 __all__ = ["CAPTION_INSTRUCTION", "Backbone", "PreparedImage", "Segment", "Tokenized", "reference_messages"]
 
@@ -69,7 +87,6 @@ class Segment:
     start: int  # position of the first token of the segment in the full sequence
     image_features: list[Any]  # per row: the image's features from ``encode_images``, or None
     positions: torch.Tensor | None = None  # backbone-specific explicit positions, (.., B, S)
-    extras: dict[str, Any] = field(default_factory=dict)
     # True: each row ends where its sample ends, and forward returns its feature. False: a
     # shared-prefix segment (run for its cache only; the returned hidden state is ignored).
     final: bool = True
@@ -85,7 +102,12 @@ class Backbone(nn.Module):
     # return views of one cached row instead of copies (worth it when the cache is large per row).
     cache_views: ClassVar[bool] = False
 
+    # Qwen2-VL's processor refuses images whose long side exceeds this multiple of the short side;
+    # checked per sample (a SampleError naming it) before any processor runs. None: no limit.
+    max_aspect_ratio: ClassVar[float | None] = None
+
     hidden_size: int
+    pad_id: int
 
     def __init__(self, model, tokenizer, image_processor, chat_template: str, *, rope: str,
                  image_size: int | None, max_length: int | None):
@@ -95,10 +117,13 @@ class Backbone(nn.Module):
         super().__init__()
         if rope not in self.ropes:
             accepted = "; ".join(f"{k!r} ({v})" for k, v in self.ropes.items())
-            raise ValueError(f"rope must be one of {accepted} for {self.family}, got {rope!r}")
+            raise ConfigError(f"rope must be one of {accepted} for {self.family}, got {rope!r}")
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
                                        or max_length < 2):
-            raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
+            raise ConfigError(f"max_length must be an int >= 2 or None, got {max_length!r}")
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                       or image_size < 1):
+            raise ConfigError(f"image_size must be a positive int or None (no resize), got {image_size!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -107,9 +132,33 @@ class Backbone(nn.Module):
         self.image_size = image_size
         self.max_length = max_length
 
-    # -- preprocessing (CPU) -------------------------------------------------------------
-    def prepare_image(self, image) -> PreparedImage:  # pragma: no cover - abstract
+    # -- construction ------------------------------------------------------------------------
+    @staticmethod
+    def build_module(config, dtype: torch.dtype) -> nn.Module:  # pragma: no cover - abstract
+        """An uninitialised transformers module for ``config`` (no ``lm_head``); weights follow."""
         raise NotImplementedError
+
+    # -- preprocessing (CPU) -------------------------------------------------------------
+    def check_image(self, image: Image.Image) -> None:
+        """Raise ``ValueError`` (the engine names the sample) for an image this backbone cannot take."""
+        w, h = image.size
+        if self.image_size is None and self.max_aspect_ratio is not None \
+                and max(w, h) > self.max_aspect_ratio * min(w, h):
+            raise ValueError(f"{w}x{h} has an aspect ratio above {self.max_aspect_ratio:g}, which {self.family} cannot "
+                             "take unresized; set image_size (the reference resizes to 560x560)")
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        """PIL bicubic to ``image_size`` squared, as the reference; unchanged when it is None."""
+        if self.image_size is None:
+            return image
+        return image.resize((self.image_size, self.image_size), Image.BICUBIC)
+
+    def prepare_image(self, image: Image.Image) -> PreparedImage:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def prepare_pixels(self, pixels: torch.Tensor) -> PreparedImage:  # pragma: no cover - abstract
+        """Differentiable :meth:`prepare_image` for one (3, H, W) float image in [0, 1]."""
+        raise NotImplementedError(f"backbone {self.family!r} has no differentiable preprocessing")
 
     def tokenize(self, text: str, question: str | None, image: PreparedImage) -> Tokenized:  # pragma: no cover
         raise NotImplementedError
@@ -125,6 +174,10 @@ class Backbone(nn.Module):
     def forward(
         self, segment: Segment, cache: Any | None = None, use_cache: bool = False
     ) -> tuple[torch.Tensor, Any | None]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def vision_module(self) -> nn.Module:  # pragma: no cover - abstract
+        """The vision tower (and projector, if the backbone has one outside the tower)."""
         raise NotImplementedError
 
     def select_cache(self, cache: Any, rows: torch.Tensor) -> Any:

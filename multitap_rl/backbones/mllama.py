@@ -181,11 +181,6 @@ class MllamaBackbone(Backbone):
         return out
 
     # -- preprocessing ---------------------------------------------------------------------------
-    def resize(self, image: Image.Image) -> Image.Image:
-        if self.image_size is None:
-            return image
-        return image.resize((self.image_size, self.image_size), Image.BICUBIC)
-
     def prepare_image(self, image: Image.Image) -> PreparedImage:
         out = self.image_processor(images=[self.resize(image)], return_tensors="pt")
         pixels = out["pixel_values"]  # (1, 1, max_tiles, 3, tile, tile)
@@ -247,6 +242,9 @@ class MllamaBackbone(Backbone):
         return Tokenized(ids=ids, prefix_len=prefix_len, truncated=truncated)
 
     # -- model -----------------------------------------------------------------------------------
+    def vision_module(self) -> torch.nn.Module:
+        return torch.nn.ModuleList([self.model.vision_model, self.model.multi_modal_projector])
+
     def encode_images(self, images: list[PreparedImage]) -> list[MllamaImageFeatures]:
         vision = self.model.vision_model
         dev = self.device

@@ -1,6 +1,6 @@
 """Qwen2-VL (2B/7B) backbone adapter.
 
-Numerics follow the MULTI-TAP reference (transformers 4.46.1), see DESIGN §3:
+Numerics follow the MULTI-TAP reference (transformers 4.46.1), see docs/ARCHITECTURE.md:
 
 * prompt: Qwen chat template; caption task = user "Describe this image." + assistant
   [image, caption]; instruction task = one assistant turn [question, image, response];
@@ -22,19 +22,18 @@ from PIL import Image
 from transformers import Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from .base import Backbone, PreparedImage, Segment, Tokenized
+from .base import Backbone, PreparedImage, Segment, Tokenized, reference_messages
 
 __all__ = ["ImageOnlyQwen2VLProcessor", "Qwen2VLBackbone", "image_only_processor"]
 
 logger = logging.getLogger(__name__)
-
-CAPTION_INSTRUCTION = "Describe this image."
 
 
 class Qwen2VLBackbone(Backbone):
     family = "qwen2_vl"
     model_types = ("qwen2_vl",)
     ropes = {"reference": "arange positions, as MULTI-TAP", "mrope": "Qwen2-VL's multimodal RoPE"}
+    max_aspect_ratio = 200.0  # the image processor's smart_resize limit
 
     def __init__(
         self,
@@ -109,11 +108,6 @@ class Qwen2VLBackbone(Backbone):
         return out
 
     # -- preprocessing ---------------------------------------------------------------------------
-    def resize(self, image: Image.Image) -> Image.Image:
-        if self.image_size is None:
-            return image
-        return image.resize((self.image_size, self.image_size), Image.BICUBIC)
-
     def prepare_image(self, image: Image.Image) -> PreparedImage:
         out = self.image_processor(images=[self.resize(image)], return_tensors="pt")
         grid = out["image_grid_thw"]
@@ -140,22 +134,9 @@ class Qwen2VLBackbone(Backbone):
         return PreparedImage(inputs={**hard.inputs, "pixel_values": values}, num_tokens=hard.num_tokens,
                              cost=hard.cost)
 
-    def messages(self, text: str, question: str | None) -> list[dict]:
-        if question is None:
-            return [
-                {"role": "user", "content": [{"type": "text", "text": CAPTION_INSTRUCTION}]},
-                {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": text}]},
-            ]
-        return [
-            {
-                "role": "assistant",
-                "content": [{"type": "text", "text": question}, {"type": "image"}, {"type": "text", "text": text}],
-            }
-        ]
-
     def prompt(self, text: str, question: str | None) -> str:
         return self.tokenizer.apply_chat_template(
-            self.messages(text, question), chat_template=self.chat_template, tokenize=False
+            reference_messages(text, question), chat_template=self.chat_template, tokenize=False
         )
 
     def tokenize(self, text: str, question: str | None, image: PreparedImage) -> Tokenized:
@@ -189,6 +170,9 @@ class Qwen2VLBackbone(Backbone):
         return pos[:, 0]  # (3, L)
 
     # -- model -----------------------------------------------------------------------------------
+    def vision_module(self) -> torch.nn.Module:
+        return self.model.visual
+
     def encode_images(self, images: list[PreparedImage]) -> list[torch.Tensor]:
         visual = self.model.visual
         dev = self.device

@@ -3,33 +3,44 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shutil
 from pathlib import Path
 
-__all__ = ["add_model_arguments", "load_model", "read_jsonl", "resolve_path"]
+from ..errors import ConfigError
+
+__all__ = ["add_model_arguments", "check_output_dir", "load_model", "optional_int"]
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, heads: bool = True) -> None:
     p.add_argument("--checkpoint", required=True, help="MULTI-TAP checkpoint: local directory or hub id")
-    p.add_argument("--base-model", default=None, help="base LVLM: local directory or hub id")
+    p.add_argument("--base-model", default=None,
+                   help="base LVLM: local directory or hub id (default: the one the checkpoint names)")
     if heads:
         p.add_argument("--heads", default=None, help="stage-2 heads directory (fills the per-dimension scores)")
     p.add_argument("--device", default=None, help="torch device (default: this process's GPU, else cpu)")
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--rope", default=None, choices=["reference", "mrope"], help="position scheme (default: reference)")
-    p.add_argument("--image-size", type=_optional_int, default=560,
-                   help="resize images to this square size before the processor (reference: 560; 'none': keep)")
-    p.add_argument("--max-length", type=_optional_int, default=1024,
-                   help="truncate prompts to this many tokens as the reference does (default 1024; 'none': never)")
+    p.add_argument("--image-size", type=optional_int, default="auto",
+                   help="resize images to this square size before the processor ('none': keep; default: the "
+                        "checkpoint's own setting, else the reference's 560)")
+    p.add_argument("--max-length", type=optional_int, default="auto",
+                   help="truncate prompts to this many tokens as the reference does ('none': never; default: the "
+                        "checkpoint's own setting, else 1024)")
 
 
-def _optional_int(value: str) -> int | None:
+def optional_int(value: str) -> int | None | str:
+    """An int >= 1, 'none' (None) or 'auto' (argparse type)."""
     if value.lower() in ("none", "null"):
         return None
-    n = int(value)
+    if value.lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, 'none' or 'auto', got {value!r}") from None
     if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 or 'none', got {value}")
+        raise argparse.ArgumentTypeError(f"must be >= 1, 'none' or 'auto', got {value}")
     return n
 
 
@@ -42,32 +53,17 @@ def load_model(args):
     )
 
 
-def read_jsonl(path: str | os.PathLike, required: tuple[str, ...]) -> list[dict]:
-    """Rows of a JSONL file; a bad line or missing field is a ``ValueError`` naming the row (1-based)."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: row {n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: row {n}: expected a JSON object, got {type(row).__name__}")
-            for key in required:
-                if key not in row:
-                    raise ValueError(f"{path}: row {n}: missing field {key!r}")
-            row["_line"] = n
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
-
-
-def resolve_path(value: str, base: Path) -> str:
-    """A relative path is looked up next to the JSONL file first, then in the working directory."""
-    p = Path(value)
-    if p.is_absolute() or not (base / p).exists():
-        return str(p)
-    return str(base / p)
+def check_output_dir(path: str | os.PathLike, *, overwrite: bool, what: str, marker: str) -> Path:
+    """The output directory ``path``, checked before any work: a file there is an error; an existing
+    directory is an error unless ``overwrite`` (then it is emptied). ``marker`` is a file whose
+    presence shows the directory is ours (only such a directory, or an empty one, is emptied)."""
+    out = Path(os.fspath(path)).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{what} {out} is a file; pass a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{what} {out} already exists; pass --overwrite to replace it, or another --out")
+        if not (out / marker).is_file():
+            raise ConfigError(f"{what} {out} is not empty and holds no {marker}; refusing to empty it")
+        shutil.rmtree(out)
+    return out

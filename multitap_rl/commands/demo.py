@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
 
 
 def _caption(scene, **change) -> str:
-    from .._shapes_task import ShapeScene, shape_caption
+    from ..data.shapes import ShapeScene, shape_caption
 
     return shape_caption(ShapeScene(**{**scene.__dict__, **change}))
 
@@ -50,8 +50,8 @@ def _wrong(rng, pool, right):
 
 def _fit_shape_heads(model, n: int = 96, seed: int = 0):
     """Heads for color/shape/position correctness, fitted on shapes-task captions."""
-    from ..heads import RidgeHeads
-    from .._shapes_task import SHAPE_COLORS, SHAPE_KINDS, SHAPE_POSITIONS, ShapeScene, draw_shapes_image
+    from ..training.ridge import fit_ridge_heads
+    from ..data.shapes import SHAPE_COLORS, SHAPE_KINDS, SHAPE_POSITIONS, ShapeScene, draw_shapes_image
 
     rng = random.Random(seed)
     pools = {"color": list(SHAPE_COLORS), "shape": list(SHAPE_KINDS), "position": list(SHAPE_POSITIONS)}
@@ -63,11 +63,11 @@ def _fit_shape_heads(model, n: int = 96, seed: int = 0):
         texts.append(_caption(scene, **wrong))
         for a in ATTRIBUTES:
             targets[a].append(0.0 if a in wrong else 1.0)
-    from ..training.stage2 import model_identity
+    from ..training.features import model_identity
 
     feats = model.features(images, texts)
     overall = model.score_features(feats).overall
-    return RidgeHeads.fit(feats, targets, overall=overall, fingerprint=model_identity(model))
+    return fit_ridge_heads(feats, targets, overall=overall, fingerprint=model_identity(model))
 
 
 # Stage 1 offline: recipes/stage1/tiny_shapes.yaml's settings (a base with weights of std 0.125
@@ -126,7 +126,7 @@ def _quiet() -> None:
 
 def run(args) -> int:
     from ..model import MultiTapModel
-    from .._shapes_task import SHAPE_COLORS, SHAPE_KINDS, SHAPE_POSITIONS, ShapeScene, draw_shapes_image
+    from ..data.shapes import SHAPE_COLORS, SHAPE_KINDS, SHAPE_POSITIONS, ShapeScene, draw_shapes_image
     _quiet()
     with tempfile.TemporaryDirectory(prefix="multitap-demo-") as tmp:
         # 1. Model.
@@ -163,7 +163,7 @@ def run(args) -> int:
                           for sc in scenes]
         from reward_fns import rerank
 
-        ranked = rerank(images, candidates, weights, model=model)
+        ranked = rerank(images, candidates, weights, model_or_path=model)
         print(f"[3/4] candidates ranked by reward with weights {weights}:")
         for i, lst in enumerate(ranked):
             print(f"  image {i}:")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import ConfigError
 from ._common import add_model_arguments, load_model
 
 
@@ -13,8 +14,8 @@ def add_arguments(p) -> None:
                    help="JSONL/JSON file, parquet/CSV file, or a `datasets` save_to_disk directory")
     p.add_argument("--out", required=True, help="feature store directory (an interrupted run resumes here)")
     p.add_argument("--schema", default=None,
-                   help="objective schema: a preset (align-anything-ti2t, align-anything-t2i, visionreward, caption), "
-                        "a name under recipes/objectives, or a YAML file; default: the column options below")
+                   help="objective schema: a preset name (see `multitap-rl presets`) or a YAML file; default: the "
+                        "column options below")
     p.add_argument("--split", default="train", help="split of a DatasetDict directory (default train)")
     p.add_argument("--image-column", default="image", help="without --schema (default image)")
     p.add_argument("--text-column", default="text", help="without --schema (default text)")
@@ -34,7 +35,7 @@ def _schema(args):
     column_opts = [args.question_column, args.id_column, args.target_columns]
     if args.schema is not None:
         if any(v is not None for v in column_opts) or (args.image_column, args.text_column) != ("image", "text"):
-            raise ValueError("--schema and the --*-column options are exclusive (the schema names the columns)")
+            raise ConfigError("--schema and the --*-column options are exclusive (the schema names the columns)")
         return load_schema(args.schema)
     dims = [d.strip() for d in (args.target_columns or "").split(",") if d.strip()]
     return ObjectiveSchema.simple(dims, image=args.image_column, text=args.text_column,
@@ -42,12 +43,18 @@ def _schema(args):
 
 
 def run(args) -> int:
-    from ..training.stage2 import extract_features, load_features, open_rows
+    from ..data.rows import open_rows
+    from ..training.features import extract_features, load_features
 
-    # 1. Cheap checks before the model loads: data readable, schema valid, first row expands.
+    # 1. Cheap checks before the model loads: arguments, data readable, schema valid, first row expands.
+    for name in ("chunk_size", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit must be >= 1")
     schema = _schema(args)
     src = open_rows(args.data, split=args.split, limit=args.limit)
-    schema.expand(src.rows(0, 1)[0], 0)
+    schema.expand(src.rows(0, 1)[0], 0, where=src.where(0))
     # 2. Model, then the (resumable) extraction.
     model = load_model(args)
     out = extract_features(model, args.data, args.out, schema=schema, split=args.split, chunk_size=args.chunk_size,

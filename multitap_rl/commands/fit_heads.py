@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import ConfigError
+from ._common import check_output_dir
+
 
 def add_arguments(p) -> None:
     p.add_argument("--features", default=None, help="feature store directory from `multitap-rl extract`")
@@ -13,6 +16,7 @@ def add_arguments(p) -> None:
                         "(default: the targets the schema stored at extraction)")
     p.add_argument("--dims", default=None, help="comma-separated dimensions to fit (default: all)")
     p.add_argument("--out", required=True, help="heads directory to write (heads.safetensors + heads.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing heads directory at --out")
     p.add_argument("--alphas", default=None, help="comma-separated penalties (default: a scale-free log grid)")
     p.add_argument("--no-standardize", action="store_true", help="do not z-score features before the penalty")
     p.add_argument("--nan-policy", default="error", choices=["error", "drop"],
@@ -33,11 +37,14 @@ def _csv(value: str | None) -> list[str] | None:
 
 
 def run(args) -> int:
-    from ..heads import convert_legacy_heads
+    from ..heads import CONFIG_FILE, convert_legacy_heads
     from ..metrics import format_report
-    from ..training.stage2 import fit_heads, load_features
+    from ..training.features import load_features
+    from ..training.stage2 import fit_heads
 
-    # 1. Legacy conversion.
+    # 1. The output first: an existing heads folder is replaced only with --overwrite (as `extract`).
+    check_output_dir(args.out, overwrite=args.overwrite, what="heads directory", marker=CONFIG_FILE)
+    # 2. Legacy conversion.
     if args.from_legacy is not None:
         fp = None
         if args.features:
@@ -47,23 +54,23 @@ def run(args) -> int:
         print(f"converted {args.from_legacy} -> {args.out} ({', '.join(heads.names)}; hidden size {heads.hidden_size})")
         return 0
     if args.features is None:
-        raise ValueError("--features is required (or --from-legacy to convert a pickle)")
+        raise ConfigError("--features is required (or --from-legacy to convert a pickle)")
     if args.names is not None or args.trust_legacy_pickle:
-        raise ValueError("--names/--trust-legacy-pickle go with --from-legacy")
+        raise ConfigError("--names/--trust-legacy-pickle go with --from-legacy")
 
-    # 2. Fit.
+    # 3. Fit.
     alphas = None
     if args.alphas is not None:
         try:
             alphas = [float(a) for a in _csv(args.alphas)]
         except ValueError:
-            raise ValueError(f"--alphas {args.alphas!r}: expected comma-separated numbers") from None
+            raise ConfigError(f"--alphas {args.alphas!r}: expected comma-separated numbers") from None
     heads, report = fit_heads(args.features, args.targets, dims=_csv(args.dims), alphas=alphas,
                               standardize=not args.no_standardize, nan_policy=args.nan_policy,
                               val_fraction=args.val_fraction, seed=args.seed, tol=args.tolerance)
     heads.save(args.out)
 
-    # 3. Summary: chosen alpha and leave-one-out error per dimension, held-out metrics if any.
+    # 4. Summary: chosen alpha and leave-one-out error per dimension, held-out metrics if any.
     print(f"{'dimension':<24}{'alpha':>12}{'LOO MSE':>12}{'n':>8}")
     for name in heads.names:
         loo = min(heads.meta["loo_mse"][name])

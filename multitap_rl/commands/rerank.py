@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import ConfigError, DataError
 from ._common import add_model_arguments
 
 
@@ -27,16 +28,20 @@ def run(args) -> int:
 
     path = Path(args.candidates)
     if not path.is_file():
-        raise ValueError(f"candidates file not found: {path}")
-    candidates = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise ConfigError(f"candidates file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason}); re-save it as UTF-8") from None
+    candidates = [line.strip() for line in text.splitlines() if line.strip()]
     if not candidates:
-        raise ValueError(f"{path}: no candidates")
+        raise DataError(f"{path}: no candidates")
     if not Path(args.image).is_file():
-        raise ValueError(f"image file not found: {args.image}")
+        raise ConfigError(f"image file not found: {args.image}")
     if args.top_k is not None and args.top_k < 1:
-        raise ValueError("--top-k must be >= 1")
+        raise ConfigError("--top-k must be >= 1")
     model = load_model(args)
-    ranked = rerank([args.image], [candidates], args.weights, model=model,
+    ranked = rerank([args.image], [candidates], args.weights, model_or_path=model,
                     questions=None if args.question is None else [args.question],
                     normalize=args.normalize, gates=args.gate)[0]
     for rank, cand in enumerate(ranked[: args.top_k], start=1):

@@ -23,11 +23,15 @@ def add_arguments(p) -> None:
                    help="recipe overrides, e.g. train.learning_rate=1e-5 data.max_train_samples=100")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     p.add_argument("--dry-run", action="store_true", help="check the recipe and every data row, then exit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the checkpoints already in train.output_dir and start again (default: resume the "
+                        "newest one, refusing one of a different run)")
 
 
 def run(args) -> int:
+    from ..training.config import load_stage1_config
     from ..training.recipe import config_to_dict
-    from ..training.stage1 import build_datasets, load_stage1_config, train_stage1
+    from ..training.stage1 import build_datasets, train_stage1
 
     cfg = load_stage1_config(args.recipe, args.overrides)
     if args.print_config:
@@ -41,7 +45,7 @@ def run(args) -> int:
         train, evals = build_datasets(cfg)
         print(f"recipe OK: {len(train)} training rows, {len(evals) if evals is not None else 0} evaluation rows")
         return 0
-    result = train_stage1(cfg)
+    result = train_stage1(cfg, overwrite=args.overwrite)
     if main:
         print(json.dumps({"global_step": result.global_step, "resumed_from": result.resumed_from,
                           "metrics": result.metrics, "models": {k: str(v) for k, v in result.model_dirs.items()}},

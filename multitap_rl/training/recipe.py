@@ -2,7 +2,7 @@
 
 ``load_recipe(Stage1Config, "recipe.yaml", ["train.learning_rate=1e-5"])`` reads the file, applies
 ``section.key=value`` overrides (values parsed as YAML), checks every key and type, and returns
-the dataclass. Unknown keys and wrong types are a ``ValueError`` naming the key (with a
+the dataclass. Unknown keys and wrong types are a ``ConfigError`` naming the key (with a
 suggestion for typos); nothing is silently ignored.
 """
 
@@ -16,6 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+
 __all__ = ["config_to_dict", "load_recipe", "parse_overrides", "save_recipe"]
 
 
@@ -26,21 +28,21 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
     out: dict = {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r}: expected KEY=VALUE (e.g. train.learning_rate=1e-5)")
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. train.learning_rate=1e-5)")
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
-            raise ValueError(f"override {item!r}: bad key {key!r}")
+            raise ConfigError(f"override {item!r}: bad key {key!r}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
-            raise ValueError(f"override {item!r}: value is not valid YAML ({exc})") from None
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is set both as a value and a section")
+                raise ConfigError(f"override {item!r}: {part!r} is set both as a value and a section")
         node[parts[-1]] = value
     return out
 
@@ -75,44 +77,44 @@ def _coerce(value: Any, tp, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ValueError as exc:
                 errors.append(str(exc))
-        raise ValueError(errors[0] if len(errors) == 1 else f"{where}: {value!r} does not match {_type_name(tp)}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} does not match {_type_name(tp)}")
     if origin is typing.Literal:
         if isinstance(value, bool) and ("yes" if value else "no") in args:
             value = "yes" if value else "no"  # YAML 1.1 reads a bare no/yes as a boolean
         if value not in args:
-            raise ValueError(f"{where}: must be one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a section (mapping), got {type(value).__name__}")
+            raise ConfigError(f"{where}: expected a section (mapping), got {type(value).__name__}")
         return _build(tp, value, where + ".")
     if origin in (list, tuple) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ValueError(f"{where}: expected {len(args)} values, got {len(value)}")
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
             return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if (origin is tuple or tp is tuple) else items
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true/false, got {value!r}")
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):
@@ -120,10 +122,10 @@ def _coerce(value: Any, tp, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ValueError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
         return value
     return value
 
@@ -135,7 +137,7 @@ def _build(cls, data: dict, where: str = ""):
         if key not in fields:
             near = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else f"; known: {', '.join(fields)}"
-            raise ValueError(f"unknown key {where + str(key)!r}{hint}")
+            raise ConfigError(f"unknown key {where + str(key)!r}{hint}")
     kwargs = {key: _coerce(value, hints[key], where + key) for key, value in data.items()}
     # sections left out of the file still get their defaults (built from a default factory)
     return cls(**kwargs)
@@ -144,7 +146,7 @@ def _build(cls, data: dict, where: str = ""):
 def load_recipe(cls, source: str | os.PathLike | dict | None = None, overrides: list[str] | tuple[str, ...] = ()):
     """An instance of dataclass ``cls`` from a YAML file (or a dict), with overrides applied.
 
-    Raises ``ValueError`` naming the file and key for unknown keys, wrong types and values the
+    Raises ``ConfigError`` naming the file and key for unknown keys, wrong types and values the
     dataclass's own validation rejects."""
     import yaml
 
@@ -157,18 +159,18 @@ def load_recipe(cls, source: str | os.PathLike | dict | None = None, overrides: 
         path = Path(os.fspath(source))
         label = str(path)
         if not path.is_file():
-            raise FileNotFoundError(f"recipe {label}: no such file")
+            raise ConfigError(f"recipe {label}: no such file")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"recipe {label}: not valid YAML ({exc})") from None
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"recipe {label}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"recipe {label}: expected a mapping at the top level, got {type(data).__name__}")
+            raise ConfigError(f"recipe {label}: expected a mapping at the top level, got {type(data).__name__}")
     data = _merge(data, parse_overrides(list(overrides)))
     try:
         return _build(cls, data)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"{label}: {exc}") from None
+        raise ConfigError(f"{label}: {exc}") from None
 
 
 def config_to_dict(obj) -> dict:

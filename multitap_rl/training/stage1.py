@@ -35,167 +35,31 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from .recipe import config_to_dict, load_recipe, save_recipe
+from ..errors import ConfigError, DataError, MissingDependencyError
+from .config import SHAPES_DATASET, Stage1Config, TrainArgs, load_stage1_config
+from .recipe import config_to_dict, save_recipe
 
 __all__ = [
-    "DataArgs",
-    "LoraArgs",
-    "ModelArgs",
     "RewardLogits",
     "Stage1Config",
     "Stage1Result",
-    "TrainArgs",
+    "Stage1Trainer",
+    "build_datasets",
+    "build_model",
     "load_stage1_config",
+    "pair_metrics",
+    "regression_metrics",
     "train_stage1",
 ]
 
 logger = logging.getLogger(__name__)
-
-SHAPES_DATASET = "shapes"  # data.dataset value for the built-in offline shapes task
-
-
-def _f(default=None, help: str = "", factory=None):  # noqa: A002 - dataclass field with help text
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
-# -- configuration -------------------------------------------------------------------------------
-@dataclass
-class ModelArgs:
-    base_model: str | None = _f(None, "base LVLM (hub id or directory): its own weights + a fresh reward head")
-    checkpoint: str | None = _f(None, "start from this MULTI-TAP checkpoint instead (its head included)")
-    rope: Literal["reference", "mrope"] = _f("reference", "position scheme (reference = as the released models)")
-    image_size: int | None = _f(560, "images resized to this square before the processor (reference: 560)")
-    max_length: int | None = _f(1024, "prompts truncated to this many tokens (reference: 1024)")
-    dtype: str = _f("float32", "parameter dtype: float32 | bfloat16 (bf16 suits DeepSpeed on GPUs)")
-    head_seed: int = _f(0, "seed of the fresh reward head's initialisation")
-    backbone_options: dict = _f(help="backbone adapter options, e.g. {pad_token: '<|eot_id|>'} (Llama-3.2-Vision)",
-                                factory=dict)
-
-    def __post_init__(self):
-        _check(self.image_size is None or self.image_size >= 28,
-               f"model.image_size must be >= 28, got {self.image_size}")
-        _check(self.max_length is None or self.max_length > 0, "model.max_length must be positive")
-
-
-@dataclass
-class DataArgs:
-    dataset: str = _f("", "hub id, local .json/.jsonl/.csv/.parquet, save_to_disk dir, or 'shapes' (offline task)")
-    dataset_config: str | None = _f(None, "dataset configuration name (hub datasets)")
-    dataset_kwargs: dict = _f(help="for 'shapes': n_train, n_eval and make_shapes_records arguments", factory=dict)
-    train_split: str = _f("train", "split to train on")
-    eval_split: str | None = _f(None, "split to evaluate on (none: eval_fraction of the training split)")
-    eval_fraction: float = _f(0.0, "hold out this fraction of the training split for evaluation")
-    image_column: str = _f("image", "image column (image feature, path, or bytes)")
-    text_column: str = _f("text", "text column (caption or response)")
-    score_column: str = _f("score", "human score column (MSE loss)")
-    question_column: str | None = _f(None, "question column (instruction task); none = caption task")
-    chosen_column: str = _f("chosen", "preferred text (or image) column (Bradley-Terry loss)")
-    rejected_column: str = _f("rejected", "dispreferred text (or image) column (Bradley-Terry loss)")
-    pair_kind: Literal["text", "image"] = _f("text", "pairs differ in their text (one image) or image (one text)")
-    score_range: tuple[float, float] = _f((0.0, 1.0), "declared range of the raw scores; mapped to [0, 1]")
-    image_root: str | None = _f(None, "directory relative image paths are read from")
-    max_train_samples: int | None = _f(None, "use at most this many training rows")
-    max_eval_samples: int | None = _f(None, "use at most this many evaluation rows")
-    num_workers: int = _f(0, "DataLoader worker processes")
-
-    def __post_init__(self):
-        _check(0.0 <= self.eval_fraction < 1.0, f"data.eval_fraction must lie in [0, 1), got {self.eval_fraction}")
-        lo, hi = self.score_range
-        _check(math.isfinite(lo) and math.isfinite(hi) and lo < hi,
-               f"data.score_range must be lo < hi, got {self.score_range}")
-
-
-@dataclass
-class LoraArgs:
-    r: int = _f(16, "LoRA rank")
-    alpha: float = _f(32.0, "LoRA alpha (scaling = alpha / r)")
-    dropout: float = _f(0.05, "LoRA dropout")
-    target_modules: list[str] = _f(help="linear layers that get adapters (language model attention by default)",
-                                   factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
-
-    def __post_init__(self):
-        _check(self.r > 0, f"lora.r must be positive, got {self.r}")
-        _check(0.0 <= self.dropout < 1.0, f"lora.dropout must lie in [0, 1), got {self.dropout}")
-        _check(bool(self.target_modules), "lora.target_modules must not be empty")
-
-
-@dataclass
-class TrainArgs:
-    output_dir: str = _f("runs/stage1", "where checkpoints, logs and the final model go")
-    finetune: Literal["full", "lora", "head"] = _f("full", "train the whole model, LoRA adapters + head, or the head")
-    loss: Literal["mse", "bradley_terry"] = _f("mse", "MSE against scores, or Bradley-Terry on preference pairs")
-    freeze_vision: bool = _f(False, "keep the vision tower frozen (full fine-tune)")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)")
-    learning_rate: float = _f(2e-6, "peak learning rate of the backbone (or LoRA adapters)")
-    head_learning_rate: float | None = _f(None, "peak learning rate of the reward head (default: learning_rate)")
-    weight_decay: float = _f(0.0, "AdamW weight decay (matrices only)")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "decay after warm-up")
-    warmup_ratio: float = _f(0.0, "fraction of the steps spent warming up linearly")
-    num_epochs: int = _f(1, "passes over the training data (ignored when max_steps is set)")
-    max_steps: int | None = _f(None, "stop after this many optimizer steps")
-    batch_size: int = _f(1, "samples (or pairs) per device per micro-batch")
-    eval_batch_size: int = _f(8, "samples per device per evaluation batch")
-    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
-    max_grad_norm: float | None = _f(1.0, "clip the gradient norm (none: no clipping)")
-    init_bias_from_data: bool = _f(True, "start a fresh head's bias at logit(mean training score) (MSE)")
-    log_every: int = _f(10, "log the training loss every this many steps")
-    eval_every: int | None = _f(None, "evaluate every this many steps (always at the end)")
-    save_every: int | None = _f(None, "write a resumable checkpoint every this many steps")
-    save_total_limit: int | None = _f(2, "keep only the newest this many checkpoints")
-    save_layouts: list[str] = _f(help="final model layouts: multitap and/or released", factory=lambda: ["multitap"])
-    seed: int = _f(42, "seed for data order, LoRA init and dropout")
-    resume: str = _f("auto", "'auto' (newest checkpoint in output_dir), 'never', or a checkpoint directory")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _f("auto", "autocast; auto = accelerate's config")
-    report_to: list[str] = _f(help="accelerate trackers (e.g. tensorboard, wandb)", factory=list)
-    progress: bool = _f(True, "show a progress bar")
-    find_unused_parameters: bool = _f(False, "DDP option, for backbones with parameters a forward skips")
-
-    def __post_init__(self):
-        for name in ("learning_rate", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs",
-                     "log_every"):
-            _check(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every", "save_every", "save_total_limit", "head_learning_rate",
-                     "max_grad_norm"):
-            v = getattr(self, name)
-            _check(v is None or v > 0, f"train.{name} must be positive or null, got {v}")
-        _check(0.0 <= self.warmup_ratio < 1.0, f"train.warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
-        bad = [x for x in self.save_layouts if x not in ("multitap", "released")]
-        _check(not bad and bool(self.save_layouts),
-               f"train.save_layouts: use multitap and/or released, got {self.save_layouts}")
-
-
-@dataclass
-class Stage1Config:
-    """A stage-1 recipe: ``model``, ``data``, ``lora``, ``train`` sections (see each field's help)."""
-
-    model: ModelArgs = _f(help="backbone and starting point", factory=ModelArgs)
-    data: DataArgs = _f(help="training and evaluation data", factory=DataArgs)
-    lora: LoraArgs = _f(help="LoRA settings (train.finetune = lora)", factory=LoraArgs)
-    train: TrainArgs = _f(help="optimisation, logging, saving", factory=TrainArgs)
-
-    def __post_init__(self):
-        _check(bool(self.model.base_model or self.model.checkpoint),
-               "model: set model.base_model (base LVLM + fresh head) or model.checkpoint (continue a MULTI-TAP model)")
-
-
-def load_stage1_config(source=None, overrides: list[str] | tuple[str, ...] = ()) -> Stage1Config:
-    """A :class:`Stage1Config` from a YAML recipe (or dict) plus ``section.key=value`` overrides."""
-    return load_recipe(Stage1Config, source, overrides)
 
 
 @dataclass
@@ -260,7 +124,7 @@ def _lr_lambda(kind: str, warmup: int, total: int):
 
 # -- data ----------------------------------------------------------------------------------------
 def _shapes_tables(cfg: Stage1Config):
-    from .._shapes_task import make_shapes_pairs, make_shapes_records
+    from ..data.shapes import make_shapes_pairs, make_shapes_records
 
     kw = dict(cfg.data.dataset_kwargs)
     n_train = int(kw.pop("n_train", 512))
@@ -295,14 +159,15 @@ def _split(data, fraction: float, seed: int):
 def build_datasets(cfg: Stage1Config, train_data=None, eval_data=None):
     """(train, eval or None) example sets, validated. ``train_data``/``eval_data`` (a
     ``datasets.Dataset`` or a list of dicts) override ``cfg.data.dataset``."""
-    from .data import PreferencePairs, ScoredExamples, load_table
+    from ..data.rows import load_table
+    from .examples import PreferencePairs, ScoredExamples
 
     d = cfg.data
     root = Path(d.image_root).expanduser() if d.image_root else None
     # 1. Raw tables.
     if train_data is None:
         if not d.dataset:
-            raise ValueError("data.dataset is not set (and no train_data was passed)")
+            raise ConfigError("data.dataset is not set (and no train_data was passed)")
         if d.dataset == SHAPES_DATASET:
             train_data, shapes_eval = _shapes_tables(cfg)
             eval_data = eval_data if eval_data is not None else shapes_eval
@@ -313,7 +178,7 @@ def build_datasets(cfg: Stage1Config, train_data=None, eval_data=None):
                 eval_data, _ = load_table(d.dataset, split=d.eval_split, config_name=d.dataset_config)
     if eval_data is None and d.eval_fraction > 0:
         if len(train_data) < 2:
-            raise ValueError(f"train data has {len(train_data)} row(s): too few to hold out eval_fraction")
+            raise DataError(f"train data has {len(train_data)} row(s): too few to hold out eval_fraction")
         train_data, eval_data = _split(train_data, d.eval_fraction, cfg.train.seed)
     train_data = _subset(train_data, d.max_train_samples)
     eval_data = _subset(eval_data, d.max_eval_samples) if eval_data is not None else None
@@ -333,14 +198,6 @@ def build_datasets(cfg: Stage1Config, train_data=None, eval_data=None):
 
 
 # -- model ---------------------------------------------------------------------------------------
-def _vision_tower(backbone) -> nn.Module:
-    for name in ("visual", "vision_model", "vision_tower"):
-        sub = getattr(backbone.model, name, None)
-        if isinstance(sub, nn.Module):
-            return sub
-    raise ValueError(f"freeze_vision: backbone {type(backbone).__name__} has no known vision tower")
-
-
 @contextlib.contextmanager
 def _no_zero3_init():
     """Build modules whole even when accelerate has announced ZeRO-3 to transformers (which would
@@ -374,7 +231,7 @@ def build_model(cfg: Stage1Config, device):
     if t.finetune == "full":
         module.requires_grad_(True)
         if t.freeze_vision:
-            _vision_tower(model.backbone).requires_grad_(False)
+            model.backbone.vision_module().requires_grad_(False)
     elif t.finetune == "lora":
         lo = cfg.lora
         n = apply_lora(module, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules,
@@ -426,8 +283,8 @@ def pair_metrics(margin: torch.Tensor) -> dict[str, float]:
 def _require_accelerate():
     try:
         import accelerate  # noqa: F401
-    except ImportError as exc:
-        raise ImportError("stage-1 training needs accelerate: pip install multitap-rl[train]") from exc
+    except ImportError:
+        raise MissingDependencyError("stage-1 training needs accelerate: pip install 'multitap-rl[train]'") from None
 
 
 def _checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -439,12 +296,43 @@ def _checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-_RESUME_KEYS = ("model", "data", "lora")
-_RESUME_TRAIN_KEYS = ("finetune", "loss", "freeze_vision", "batch_size", "gradient_accumulation_steps", "seed")
+# Recipe keys that do not change what is trained: where outputs go and how often to log, evaluate and save.
+_NOT_TRAINING = {"train.output_dir", "train.resume", "train.progress", "train.log_every", "train.eval_every",
+                 "train.save_every", "train.save_total_limit", "train.report_to", "train.save_layouts",
+                 "train.eval_batch_size", "data.num_workers"}
+_LENGTH = ("train.max_steps", "train.num_epochs")  # change the schedule unless lr is constant without warm-up
 
 
-class _Run:
-    def __init__(self, cfg: Stage1Config, train_data, eval_data):
+def resume_fingerprint(config: dict, data_digest: str | None = None) -> dict:
+    """Everything that changes training, flattened to ``{"section.key": value}``: every recipe key
+    except :data:`_NOT_TRAINING` (and the run length when the learning rate is constant without
+    warm-up, so a finished run can be continued), plus the training data's content digest."""
+    flat = {f"{section}.{k}": v for section, values in config.items() if isinstance(values, dict)
+            for k, v in values.items()}
+    train = config.get("train", {})
+    constant = train.get("lr_scheduler") == "constant" and not train.get("warmup_ratio")
+    out = {k: v for k, v in flat.items() if k not in _NOT_TRAINING and not (constant and k in _LENGTH)}
+    if data_digest is not None:
+        out["data.content"] = data_digest
+    return out
+
+
+def _example_digest(examples) -> str:
+    """The content digest of an example set's rows (a ``datasets`` fingerprint, or rows by content)."""
+    from ..data.rows import digest_rows
+
+    table = examples.table
+    if table.hf is not None and getattr(table.hf, "_fingerprint", None):
+        return f"datasets:{table.hf._fingerprint}"
+    return digest_rows(table.rows)
+
+
+class Stage1Trainer:
+    """One stage-1 run: data, model, optimiser and schedule under accelerate; resumable checkpoints;
+    evaluation; the final model. :func:`train_stage1` drives it (``setup``, ``train``, ``evaluate``,
+    ``save_final``)."""
+
+    def __init__(self, cfg: Stage1Config, train_data, eval_data, *, overwrite: bool = False):
         _require_accelerate()
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -472,6 +360,16 @@ class _Run:
         self.train_set, self.eval_set = build_datasets(cfg, train_data, eval_data)
         self.mse = t.loss == "mse"
         self.train_mean = float(self.train_set.scores.mean()) if self.mse else 0.5
+        self.fingerprint = resume_fingerprint(config_to_dict(cfg), _example_digest(self.train_set))
+        # 2. Start again (overwrite), or check that a checkpoint to resume is of this very run.
+        if overwrite and self.main:
+            for _, old in _checkpoints(self.out):
+                shutil.rmtree(old)
+            (self.out / "log.jsonl").unlink(missing_ok=True)
+        self.acc.wait_for_everyone()
+        self.resume_path = self.find_resume()
+        if self.resume_path is not None:
+            self.check_resume(self.resume_path)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             logger.info("train: %d %s; eval: %s", len(self.train_set), "samples" if self.mse else "pairs",
@@ -479,7 +377,7 @@ class _Run:
 
     # -- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
-        from .data import collate_examples, collate_pairs
+        from .examples import collate_examples, collate_pairs
 
         cfg, t, acc = self.cfg, self.cfg.train, self.acc
         # 2. Model and what it trains. Built whole by the strict loader (never under ZeRO-3's
@@ -526,7 +424,8 @@ class _Run:
         final = self.out / f"checkpoint-{step}"
         tmp = self.out / f".tmp-checkpoint-{step}"
         state = {"global_step": step, "epoch": epoch, "batches_in_epoch": batches, "history": self.history,
-                 "config": config_to_dict(self.cfg), "world_size": self.acc.num_processes}
+                 "config": config_to_dict(self.cfg), "fingerprint": self.fingerprint,
+                 "world_size": self.acc.num_processes}
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -565,22 +464,31 @@ class _Run:
             return found[-1][1] if found else None
         path = Path(r).expanduser()
         if not (path / "trainer_state.json").is_file():
-            raise ValueError(f"train.resume: {path} is not a checkpoint directory (no trainer_state.json)")
+            raise ConfigError(f"train.resume: {path} is not a checkpoint directory (no trainer_state.json)")
         return path
+
+    def check_resume(self, path: Path) -> None:
+        """Refuse to resume ``path`` unless it is a checkpoint of this very run: the same training
+        fingerprint (:func:`resume_fingerprint`) and number of processes. The error lists every
+        difference."""
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"cannot resume from {path}: unreadable trainer_state.json ({exc})") from None
+        old = state.get("fingerprint") or resume_fingerprint(state.get("config", {}))
+        diff = [f"{k}: {old.get(k)!r} -> {self.fingerprint.get(k)!r}"
+                for k in sorted(set(old) | set(self.fingerprint))
+                if k in old and old.get(k) != self.fingerprint.get(k)]
+        if state.get("world_size", self.acc.num_processes) != self.acc.num_processes:
+            diff.append(f"number of processes: {state['world_size']} -> {self.acc.num_processes}")
+        if diff:
+            raise ConfigError(f"cannot resume from {path}: the run changed ({'; '.join(diff)}); pass --overwrite "
+                              "(train_stage1(..., overwrite=True)) to start again, or use another train.output_dir")
 
     def load_checkpoint(self, path: Path) -> dict:
         from safetensors.torch import load_file
 
-        state = json.loads((path / "trainer_state.json").read_text())
-        # The run must be the same run: same model, data, adapters, loss, batch layout.
-        old, new = state.get("config", {}), config_to_dict(self.cfg)
-        diff = [k for k in _RESUME_KEYS if old.get(k) != new[k]]
-        diff += [f"train.{k}" for k in _RESUME_TRAIN_KEYS if old.get("train", {}).get(k) != new["train"][k]]
-        if state.get("world_size", self.acc.num_processes) != self.acc.num_processes:
-            diff.append(f"number of processes ({state['world_size']} -> {self.acc.num_processes})")
-        if diff:
-            raise ValueError(f"cannot resume from {path}: the recipe changed in {diff}; use a new "
-                             "train.output_dir or train.resume=never")
+        state = json.loads((path / "trainer_state.json").read_text())  # checked by check_resume
         if self.is_deepspeed:
             self.acc.load_state(str(path))
         else:
@@ -588,7 +496,7 @@ class _Run:
             params = self._trainable()
             if set(weights) != set(params):
                 extra, missing = sorted(set(weights) - set(params)), sorted(set(params) - set(weights))
-                raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, "
+                raise DataError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, "
                                  f"unexpected {extra[:5]}")
             with torch.no_grad():
                 for name, p in params.items():
@@ -648,7 +556,7 @@ class _Run:
 
         t, acc = self.cfg.train, self.acc
         step, epoch, skip, resumed = 0, 0, 0, None
-        path = self.find_resume()
+        path = self.resume_path
         if path is not None:
             state = self.load_checkpoint(path)
             step, epoch, skip = state["global_step"], state["epoch"], state["batches_in_epoch"]
@@ -719,7 +627,7 @@ class _Run:
 
 
 def train_stage1(config: Stage1Config | dict | str | os.PathLike, *, train_data=None, eval_data=None,
-                 overrides: list[str] | tuple[str, ...] = ()) -> Stage1Result:
+                 overrides: list[str] | tuple[str, ...] = (), overwrite: bool = False) -> Stage1Result:
     """Run stage-1 training; see the module docstring for the steps and the output directory.
 
     Args:
@@ -727,12 +635,14 @@ def train_stage1(config: Stage1Config | dict | str | os.PathLike, *, train_data=
         train_data, eval_data: a ``datasets.Dataset`` or a list of dicts overriding
             ``config.data.dataset`` (columns as named in ``config.data``).
         overrides: ``section.key=value`` strings applied to a dict/path config.
+        overwrite: delete the checkpoints already in ``train.output_dir`` and start again (else a
+            run resumes its newest checkpoint, and refuses one of a different run).
 
     Returns a :class:`Stage1Result`. Bad data (empty set, missing column/image, score outside
     ``data.score_range``) raises ``ValueError`` naming the row before the model is loaded.
     """
     cfg = config if isinstance(config, Stage1Config) else load_stage1_config(config, overrides)
-    run = _Run(cfg, train_data, eval_data)
+    run = Stage1Trainer(cfg, train_data, eval_data, overwrite=overwrite)
     run.setup()
     step, resumed = run.train()
     metrics = run.evaluate()

@@ -1,4 +1,4 @@
-"""Training data for stage 1: validated up front, read lazily.
+"""Stage-1 example sets: validated up front, read lazily.
 
 Two kinds of example set, both ``torch.utils.data.Dataset`` over a Hugging Face ``datasets.Dataset``
 or a list of dicts:
@@ -24,7 +24,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["PreferencePairs", "ScoredExamples", "collate_examples", "collate_pairs", "load_table"]
+from ..data.rows import resolve_image
+from ..errors import ConfigError, DataError
+
+__all__ = ["PreferencePairs", "ScoredExamples", "collate_examples", "collate_pairs"]
 
 _MAX_LISTED = 5
 
@@ -55,12 +58,12 @@ class _Table:
     def require(self, columns: list[str]) -> None:
         missing = [c for c in columns if c not in self.columns]
         if missing:
-            raise ValueError(f"{self.name} data has no column(s) {missing}; columns are {sorted(self.columns)}")
+            raise DataError(f"{self.name} data has no column(s) {missing}; columns are {sorted(self.columns)}")
         if self.rows is not None:
             for i, row in enumerate(self.rows):
                 absent = [c for c in columns if c not in row]
                 if absent:
-                    raise ValueError(f"{self.name} row {i}: missing field(s) {absent}")
+                    raise DataError(f"{self.name} row {i}: missing field(s) {absent}")
 
     def column(self, name: str) -> list:
         return list(self.hf[name]) if self.hf is not None else [r[name] for r in self.rows]
@@ -105,7 +108,7 @@ class _Table:
 def _fail(table: _Table, problems: list[str]) -> None:
     if problems:
         more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
-        raise ValueError(f"{table.name} data: " + "; ".join(problems[:_MAX_LISTED]) + more)
+        raise DataError(f"{table.name} data: " + "; ".join(problems[:_MAX_LISTED]) + more)
 
 
 def _check_images(table: _Table, column: str, root: Path | None) -> None:
@@ -114,17 +117,10 @@ def _check_images(table: _Table, column: str, root: Path | None) -> None:
         if kind == "none":
             problems.append(f"row {row}: image missing ({column!r} is empty)")
         elif kind == "path":
-            full = _resolve(path, root)
+            full = resolve_image(path, root)
             if not os.path.isfile(full):
                 problems.append(f"row {row}: image file not found: {full}")
     _fail(table, problems)
-
-
-def _resolve(path: str, root: Path | None) -> str:
-    p = Path(path).expanduser()
-    if not p.is_absolute() and root is not None:
-        return str(root / p)
-    return str(p)
 
 
 def _check_texts(table: _Table, column: str, *, optional: bool = False) -> list:
@@ -141,11 +137,11 @@ def _check_texts(table: _Table, column: str, *, optional: bool = False) -> list:
     return values
 
 
-class _Base(torch.utils.data.Dataset):
+class _ExampleSet(torch.utils.data.Dataset):
     def __init__(self, data, name: str, image_root):
         self.table = _Table(data, name)
         if len(self.table) == 0:
-            raise ValueError(f"{name} data is empty")
+            raise DataError(f"{name} data is empty")
         self.name = name
         self.root = Path(os.fspath(image_root)).expanduser() if image_root is not None else None
 
@@ -153,16 +149,10 @@ class _Base(torch.utils.data.Dataset):
         return len(self.table)
 
     def _image(self, row: int, column: str):
-        value = self.table.value(row, column)
-        if self.root is not None:
-            if isinstance(value, (str, os.PathLike)):
-                return _resolve(os.fspath(value), self.root)
-            if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
-                return _resolve(value["path"], self.root)
-        return value
+        return resolve_image(self.table.value(row, column), self.root)
 
 
-class ScoredExamples(_Base):
+class ScoredExamples(_ExampleSet):
     """(image, text, question, score) rows; ``score_range=(lo, hi)`` is the declared range of the
     raw scores, mapped linearly to ``[0, 1]``.
 
@@ -175,7 +165,7 @@ class ScoredExamples(_Base):
         super().__init__(data, name, image_root)
         lo, hi = float(score_range[0]), float(score_range[1])
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise ValueError(f"score_range must be two finite numbers lo < hi, got {score_range}")
+            raise ConfigError(f"score_range must be two finite numbers lo < hi, got {score_range}")
         cols = [image_column, text_column, score_column] + ([question_column] if question_column else [])
         self.table.require(cols)
         self.image_column, self.question_column = image_column, question_column
@@ -206,7 +196,7 @@ class ScoredExamples(_Base):
         }
 
 
-class PreferencePairs(_Base):
+class PreferencePairs(_ExampleSet):
     """Bradley-Terry pairs. ``pair_kind="text"``: ``image`` + two texts ``chosen``/``rejected``;
     ``pair_kind="image"``: ``text`` + two images ``chosen``/``rejected``.
 
@@ -218,7 +208,7 @@ class PreferencePairs(_Base):
                  question_column: str | None = None, image_root: str | os.PathLike | None = None):
         super().__init__(data, name, image_root)
         if pair_kind not in ("text", "image"):
-            raise ValueError(f"pair_kind must be 'text' or 'image', got {pair_kind!r}")
+            raise ConfigError(f"pair_kind must be 'text' or 'image', got {pair_kind!r}")
         shared = image_column if pair_kind == "text" else text_column
         cols = [shared, chosen_column, rejected_column] + ([question_column] if question_column else [])
         self.table.require(cols)
@@ -230,7 +220,7 @@ class PreferencePairs(_Base):
             self.rejected = _check_texts(self.table, rejected_column)
             same = [i for i, (c, r) in enumerate(zip(self.chosen, self.rejected)) if c == r]
             if same:
-                raise ValueError(f"{name} data: row {same[0]}: chosen and rejected texts are identical")
+                raise DataError(f"{name} data: row {same[0]}: chosen and rejected texts are identical")
             _check_images(self.table, image_column, self.root)
         else:
             self.text = _check_texts(self.table, text_column)
@@ -270,32 +260,3 @@ def collate_pairs(batch: list[dict]) -> dict:
         "questions": questions if any(q is not None for q in questions) else None,
         "rows": torch.tensor([b["row"] for b in batch], dtype=torch.long),
     }
-
-
-def load_table(dataset: str, *, split: str, config_name: str | None = None, revision: str | None = None):
-    """A ``datasets.Dataset``: a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file, a directory
-    written by ``save_to_disk``, a local dataset directory, or a hub id. Returns (dataset, image
-    root): relative image paths in a local file are read next to it."""
-    try:
-        import datasets
-    except ImportError as exc:
-        raise ImportError("stage-1 training reads data with `datasets`: pip install multitap-rl[train]") from exc
-    path = Path(dataset).expanduser()
-    if path.is_file():
-        kinds = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-        kind = kinds.get(path.suffix.lower())
-        if kind is None:
-            raise ValueError(f"dataset file {path}: unsupported type (use .json, .jsonl, .csv or .parquet)")
-        return datasets.load_dataset(kind, data_files=str(path), split="train"), path.parent
-    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"dataset {path}: no split {split!r}; splits are {sorted(ds)}")
-            ds = ds[split]
-        return ds, path
-    try:
-        ds = datasets.load_dataset(dataset, config_name, split=split, revision=revision)
-    except (FileNotFoundError, ValueError) as exc:
-        raise ValueError(f"dataset {dataset!r} split {split!r}: cannot load ({exc})") from None
-    return ds, (path if path.is_dir() else None)

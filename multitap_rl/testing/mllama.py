@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from ._tiny_io import save_sharded_fixed, write_json, write_tiny_reward_checkpoint
+from .files import save_sharded_fixed, write_json, write_tiny_reward_checkpoint
+from .text import corpus
 
 __all__ = [
     "LLAMA3_SPECIAL_TOKENS",
@@ -114,8 +115,6 @@ def _build_tokenizer(seed: int, bpe_size: int = 500):
     (tokenizers.Tokenizer, number of BPE tokens)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from .testing import _corpus
-
     tok = Tokenizer(models.BPE(ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_LLAMA3_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
@@ -124,7 +123,7 @@ def _build_tokenizer(seed: int, bpe_size: int = 500):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=bpe_size, special_tokens=[],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(corpus(seed), trainer=trainer)
     n_bpe = tok.get_vocab_size()
     tok.add_special_tokens(LLAMA3_SPECIAL_TOKENS + [IMAGE_TOKEN])
     bos = tok.token_to_id("<|begin_of_text|>")
@@ -248,7 +247,6 @@ def _legacy_state_dict(model) -> dict[str, torch.Tensor]:
 def build_tiny_mllama(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a random tiny Mllama base model (hub 4.45/4.46 snapshot layout) to ``out_dir``."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration
-
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""File helpers shared by the tiny-model builders (``testing``, ``_tiny_mllama``)."""
+"""File helpers shared by the tiny-model builders."""
 
 from __future__ import annotations
 

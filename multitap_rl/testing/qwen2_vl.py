@@ -1,7 +1,4 @@
-"""Tiny offline models and fixtures for tests, examples and demos.
-
-Nothing here touches the network. Every builder is seeded: the same seed gives the same bytes on
-disk, so tests can compare numbers across runs.
+"""A tiny offline Qwen2-VL base model and MULTI-TAP checkpoint.
 
 ``build_tiny_multitap(dir, seed)`` writes two directories:
 
@@ -11,43 +8,27 @@ disk, so tests can compare numbers across runs.
   the Qwen special tokens, the Qwen2-VL chat template and an image-only processor config.
 * ``dir/reward`` -- a MULTI-TAP checkpoint in the *released* layout: sharded safetensors with an
   index, ``backbone_model.*`` keys in the 4.46 layout and ``reward_head.{weight,bias}``.
+
+Every builder is seeded: the same seed gives the same bytes on disk.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import torch
 
-from ._tiny_io import save_sharded_fixed, write_json, write_tiny_reward_checkpoint
+from ..errors import ConfigError
+from .files import save_sharded_fixed, write_json, write_tiny_reward_checkpoint
+from .text import corpus
 
 __all__ = [
-    "LLAMA32_VISION_CHAT_TEMPLATE",
-    "MllamaReferenceScorer",
     "QWEN2_VL_CHAT_TEMPLATE",
-    "ReferenceScorer",
     "QWEN_SPECIAL_TOKENS",
-    "SHAPE_ATTRIBUTES",
-    "SHAPE_COLORS",
-    "SHAPE_KINDS",
-    "SHAPE_POSITIONS",
-    "ShapeScene",
-    "TINY_SD_PROMPTS",
-    "build_tiny_mllama",
-    "build_tiny_mllama_multitap",
     "build_tiny_multitap",
     "build_tiny_qwen2_vl",
-    "build_tiny_stable_diffusion",
-    "draw_shapes_image",
-    "make_image",
-    "make_shapes_dataset",
-    "make_shapes_pairs",
-    "make_shapes_records",
-    "shape_caption",
     "tiny_qwen2_vl_config",
-    "tiny_stable_diffusion_pipeline",
 ]
 
 # The chat template shipped with Qwen/Qwen2-VL-*-Instruct (chat_template.json on the hub).
@@ -90,33 +71,6 @@ _QWEN_PRETOKENIZE_REGEX = (
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-COLORS = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple"]
-SHAPES = ["circle", "square", "triangle", "cross"]
-POSITIONS = ["left", "right", "top", "bottom", "center"]
-_WORDS = (
-    "a an the of in on at with and is are this that image picture photo shows there "
-    "small large big tiny bright dark one two three some shape object background "
-    "describe question answer what where which how many colour color side corner "
-    "dog cat person man woman child tree house car road sky water grass street sign "
-    "sitting standing running holding looking next near under over behind front"
-).split()
-
-
-def _corpus(seed: int, n_lines: int = 3000) -> list[str]:
-    rng = random.Random(seed)
-    vocab = _WORDS + COLORS + SHAPES + POSITIONS
-    lines = []
-    for _ in range(n_lines):
-        words = [rng.choice(vocab) for _ in range(rng.randint(3, 14))]
-        line = " ".join(words)
-        if rng.random() < 0.5:
-            line = line.capitalize() + rng.choice([".", "?", "!", ","])
-        if rng.random() < 0.1:
-            line += f" {rng.randint(0, 999)}"
-        lines.append(line)
-    return lines
-
-
 def _build_tokenizer(seed: int, vocab_size: int = 600):
     """A byte-level BPE trained here on generated text, with the Qwen pre-tokenizer and specials."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -137,7 +91,7 @@ def _build_tokenizer(seed: int, vocab_size: int = 600):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(corpus(seed), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -279,7 +233,7 @@ def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, size: str = "tiny",
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     if not initializer_range > 0:
-        raise ValueError(f"initializer_range must be > 0, got {initializer_range}")
+        raise ConfigError(f"initializer_range must be > 0, got {initializer_range}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -317,43 +271,3 @@ def build_tiny_multitap(out_dir: str | Path, seed: int = 0, size: str = "tiny",
     base = build_tiny_qwen2_vl(out / "base", seed=seed, size=size, initializer_range=initializer_range)
     hidden = json.loads((base / "config.json").read_text())["hidden_size"]
     return base, write_tiny_reward_checkpoint(base, out / "reward", seed, hidden)
-
-
-def make_image(seed: int = 0, size: tuple[int, int] = (64, 48)):
-    """A deterministic RGB PIL image: a coloured background with a shape (different per seed)."""
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    w, h = size
-    bg = tuple(rng.randint(0, 255) for _ in range(3))
-    img = Image.new("RGB", (w, h), bg)
-    draw = ImageDraw.Draw(img)
-    fg = tuple(rng.randint(0, 255) for _ in range(3))
-    x0, y0 = rng.randint(0, w // 2), rng.randint(0, h // 2)
-    draw.ellipse([x0, y0, x0 + w // 3, y0 + h // 3], fill=fg)
-    for _ in range(20):  # a little texture so patches differ
-        x, y = rng.randint(0, w - 1), rng.randint(0, h - 1)
-        img.putpixel((x, y), tuple(rng.randint(0, 255) for _ in range(3)))
-    return img
-
-
-from ._reference import ReferenceScorer  # noqa: E402  (re-export: the reference forward for tests/benchmarks)
-from ._reference_mllama import MllamaReferenceScorer  # noqa: E402  (the same for Llama-3.2-Vision)
-from ._tiny_mllama import LLAMA32_VISION_CHAT_TEMPLATE, build_tiny_mllama, build_tiny_mllama_multitap  # noqa: E402
-from ._tiny_diffusion import (  # noqa: E402  (diffusers is imported lazily)
-    TINY_SD_PROMPTS,
-    build_tiny_stable_diffusion,
-    tiny_stable_diffusion_pipeline,
-)
-from ._shapes_task import (  # noqa: E402  (the learnable offline task; datasets imported lazily)
-    SHAPE_ATTRIBUTES,
-    SHAPE_COLORS,
-    SHAPE_KINDS,
-    SHAPE_POSITIONS,
-    ShapeScene,
-    draw_shapes_image,
-    make_shapes_dataset,
-    make_shapes_pairs,
-    make_shapes_records,
-    shape_caption,
-)

@@ -22,6 +22,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..errors import ConfigError, MissingDependencyError
+
 __all__ = [
     "SHAPE_ATTRIBUTES",
     "SHAPE_COLORS",
@@ -68,7 +70,7 @@ class ShapeScene:
         for name, value, allowed in (("color", self.color, SHAPE_COLORS), ("shape", self.shape, SHAPE_KINDS),
                                      ("position", self.position, SHAPE_POSITIONS)):
             if value not in allowed:
-                raise ValueError(f"{name} {value!r} is not one of {sorted(allowed)}")
+                raise ConfigError(f"{name} {value!r} is not one of {sorted(allowed)}")
 
 
 def shape_caption(scene: ShapeScene) -> str:
@@ -82,7 +84,7 @@ def draw_shapes_image(scene: ShapeScene, size: int = 112, rng: random.Random | N
     from PIL import Image, ImageDraw
 
     if not isinstance(size, int) or size < 16:
-        raise ValueError(f"size must be an int >= 16, got {size!r}")
+        raise ConfigError(f"size must be an int >= 16, got {size!r}")
     rng = rng or random.Random(0)
     img = Image.new("RGB", (size, size), _BACKGROUND)
     draw = ImageDraw.Draw(img)
@@ -110,7 +112,7 @@ def _choices(name: str, given: Sequence[str] | None, allowed, corrupted: bool) -
     bad = [v for v in values if v not in allowed]
     least = 2 if corrupted else 1  # a caption can only be wrong in an attribute with alternatives
     if bad or len(values) < least or len(set(values)) != len(values):
-        raise ValueError(f"{name}: need at least {least} distinct of {sorted(allowed)}, got {values}")
+        raise ConfigError(f"{name}: need at least {least} distinct of {sorted(allowed)}, got {values}")
     return values
 
 
@@ -146,14 +148,14 @@ def make_shapes_records(
     arguments give the same samples.
     """
     if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+        raise ConfigError(f"n must be a positive int, got {n!r}")
     if scoring not in ("binary", "graded"):
-        raise ValueError(f"scoring must be 'binary' or 'graded', got {scoring!r}")
+        raise ConfigError(f"scoring must be 'binary' or 'graded', got {scoring!r}")
     if not 0.0 <= p_correct <= 1.0:
-        raise ValueError(f"p_correct must lie in [0, 1], got {p_correct}")
+        raise ConfigError(f"p_correct must lie in [0, 1], got {p_correct}")
     attributes = list(attributes)
     if not attributes or any(a not in SHAPE_ATTRIBUTES for a in attributes) or len(set(attributes)) != len(attributes):
-        raise ValueError(f"attributes must be distinct names from {SHAPE_ATTRIBUTES}, got {attributes}")
+        raise ConfigError(f"attributes must be distinct names from {SHAPE_ATTRIBUTES}, got {attributes}")
     pools = _pools(attributes, colors, shapes, positions)
     rng = random.Random(seed)
     out = []
@@ -186,8 +188,9 @@ def make_shapes_records(
 def _dataset(rows: list[dict]):
     try:
         from datasets import Dataset, Features, Image, Value
-    except ImportError as exc:  # pragma: no cover - datasets is in the train/dev extras
-        raise ImportError("the shapes task as a Dataset needs `datasets`: pip install multitap-rl[train]") from exc
+    except ImportError:  # pragma: no cover - datasets is in the train/dev extras
+        raise MissingDependencyError("the shapes task as a Dataset needs `datasets`: "
+                                     "pip install 'multitap-rl[train]'") from None
     features = {}
     for key, value in rows[0].items():
         if key.startswith("image"):

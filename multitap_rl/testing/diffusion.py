@@ -83,7 +83,7 @@ def _clip_tokenizer(seed: int, n_merges: int = 300, max_length: int = 32):
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
-    from .testing import COLORS, POSITIONS, SHAPES
+    from .text import COLORS, POSITIONS, SHAPES
 
     rng = random.Random(seed)
     words = COLORS + SHAPES + POSITIONS + " ".join(TINY_SD_PROMPTS).split() + [

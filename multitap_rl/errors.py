@@ -1,0 +1,93 @@
+"""The errors multitap-rl raises for problems with the user's input, files or settings.
+
+Everything here derives from :class:`MultiTapError`: the command line prints such an error as one
+line and exits with status 2; any other exception is a bug and keeps its traceback. Each class is
+also the built-in exception code written before these classes existed would catch (``ValueError``,
+``ImportError``), so ``except ValueError`` keeps working.
+
+* :class:`ConfigError` -- an argument, option, weights/gates spec, schema or recipe;
+* :class:`DataError` -- a data file, dataset, feature store or batch as a whole;
+* :class:`SampleError` -- one sample of a batch: ``.index`` (position in the batch the callee saw),
+  ``.field`` (``"image"``, ``"text"``, ``"question"``) and ``.message``. Callers that know better
+  names (the CLI's row, TRL's completion) re-raise it with :meth:`SampleError.at`;
+* :class:`CheckpointError` -- a checkpoint or base model that cannot be used as asked;
+* :class:`HeadsError` -- stage-2 heads that cannot be fit, read or used;
+* :class:`MissingDependencyError` -- an optional dependency (which extra to install).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "HeadsError",
+    "MissingDependencyError",
+    "MultiTapError",
+    "SampleError",
+]
+
+
+class MultiTapError(Exception):
+    """Base class: the user's input, files or settings cannot be used as asked (not a bug)."""
+
+
+class ConfigError(MultiTapError, ValueError):
+    """A bad argument, option, weights or gates spec, schema or recipe."""
+
+
+class DataError(MultiTapError, ValueError):
+    """A data file, dataset, feature store or batch that cannot be used as asked."""
+
+
+class CheckpointError(MultiTapError, ValueError):
+    """A checkpoint or base model that cannot be used as asked (missing, mismatched, corrupt)."""
+
+
+class HeadsError(MultiTapError, ValueError):
+    """Heads that cannot be fit, read or used as asked (bad input, corrupt file, wrong backbone)."""
+
+
+class MissingDependencyError(MultiTapError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+class SampleError(DataError, TypeError):
+    """One bad sample: ``SampleError(3, "image", "file not found: a.png")``.
+
+    ``str()`` is ``"image 3: file not found: a.png"``; with a ``unit`` (what the index counts, e.g.
+    ``"row"`` or ``"completion"``) it is ``"row 3: image: file not found: a.png"``, and a ``source``
+    (a file) is put in front. It is a ``ValueError`` (a ``DataError``) and, because a sample of the
+    wrong type raised ``TypeError`` before this class existed, also a ``TypeError``.
+    """
+
+    def __init__(self, index: int | None, field: str, message: str, *, unit: str | None = None,
+                 source: str | None = None, detail: str = ""):
+        self.index, self.field, self.message = index, field, message
+        self.unit, self.source, self.detail = unit, source, detail
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        if self.unit is None:
+            where = self.field if self.index is None else f"{self.field} {self.index}"
+            text = f"{where}{self.detail}: {self.message}"
+        else:
+            text = f"{self.unit} {self.index}{self.detail}: {self.field}: {self.message}"
+        return f"{self.source}: {text}" if self.source else text
+
+    def __str__(self) -> str:
+        return self._text()
+
+    def __reduce__(self):
+        return (_rebuild_sample_error, (self.index, self.field, self.message, self.unit, self.source, self.detail))
+
+    def at(self, index: int | None, unit: str | None = None, source: str | None = None,
+           detail: str = "") -> SampleError:
+        """The same problem under the caller's name for the sample (e.g. line 7 of a file instead of
+        sample 2 of a batch; ``detail`` is put right after the index, e.g. ``", candidate 3"``);
+        raise it ``from`` this one."""
+        return SampleError(index, self.field, self.message, unit=unit, source=source, detail=detail)
+
+
+def _rebuild_sample_error(index, field, message, unit, source, detail="") -> SampleError:
+    return SampleError(index, field, message, unit=unit, source=source, detail=detail)
