@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbones import Backbone, backbone_for
+from .backbones import Backbone, backbone_for, remote_code_backbone
 from .checkpoint import (
     BASE_MODEL_FILES,
     CHECKPOINT_FILES,
@@ -104,22 +104,41 @@ def _load_backbone(base_dir: Path, base_name, state: dict[str, torch.Tensor], wh
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
     from transformers.initialization import no_init_weights
 
-    try:
-        config = AutoConfig.from_pretrained(base_dir)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"base model {os.fspath(base_name)!r}: cannot read config.json ({exc})") from None
-    backbone_cls = backbone_for(config)
-    state, ignored = backbone_cls.remap_state_dict(state)
+    # 1. The adapter from config.json's model_type. Models whose config names remote code
+    #    (auto_map) are read by their adapter itself; nothing from the base model's code runs.
+    native = remote_code_backbone(base_dir)
+    if native is not None:
+        backbone_cls = native
+        state, ignored = backbone_cls.remap_state_dict(state)
+        try:
+            config = backbone_cls.read_config(base_dir, state)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"base model {os.fspath(base_name)!r}: cannot read config.json ({exc})") from None
+    else:
+        try:
+            config = AutoConfig.from_pretrained(base_dir)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"base model {os.fspath(base_name)!r}: cannot read config.json ({exc})") from None
+        backbone_cls = backbone_for(config)
+        state, ignored = backbone_cls.remap_state_dict(state)
     if ignored:
         logger.info("ignoring %s (not needed to score)", ", ".join(ignored))
+    # 2. The module, uninitialised, then the weights strictly.
     with no_init_weights(), torch.device(dev):
         module = backbone_cls.build_module(config, dtype=dt)
     load_strict(module, state, where)
     module.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    image_processor = AutoImageProcessor.from_pretrained(base_dir)
+    # 3. Tokenizer, image processor, chat template.
+    if native is not None:
+        tokenizer, image_processor, chat_template = backbone_cls.load_processing(base_dir)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        image_processor = AutoImageProcessor.from_pretrained(base_dir)
+        chat_template = _chat_template(tokenizer, base_dir)
+    if max_length == "auto":
+        max_length = backbone_cls.default_max_length
     backbone = backbone_cls(
-        module, tokenizer, image_processor, _chat_template(tokenizer, base_dir),
+        module, tokenizer, image_processor, chat_template,
         rope=rope, image_size=image_size, max_length=max_length, **_backbone_options(backbone_options),
     )
     return backbone, state
@@ -152,7 +171,7 @@ class MultiTapModel(nn.Module):
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         rope: str | None = None,
-        max_length: int | None = 1024,
+        max_length: int | None | str = "auto",
         image_size: int | None = 560,
         engine: EngineConfig | None = None,
         revision: str | None = None,
@@ -171,7 +190,9 @@ class MultiTapModel(nn.Module):
             device, dtype: default: this process's GPU in bfloat16, else CPU in float32.
             rope: "reference" (arange positions, as the released checkpoints were scored) or
                 "mrope"; default from our checkpoint metadata, else "reference".
-            max_length: truncate prompts to this many tokens as the reference does (None: never).
+            max_length: truncate prompts to this many tokens as the reference does (None: never;
+                "auto": the value saved with our checkpoint, else the backbone's reference value --
+                1024 for Qwen2-VL and Llama-3.2-Vision, 16384 for InternLM-XComposer2.5).
             image_size: images are resized to ``image_size`` squared (reference: 560).
             engine: batching options (token budget, image/prefix sharing).
             backbone_options: extra keyword arguments of the backbone adapter, e.g.
@@ -181,8 +202,10 @@ class MultiTapModel(nn.Module):
         # 1. Locate the checkpoint and the base model.
         ckpt_dir = resolve_dir(checkpoint, what="checkpoint", allow_patterns=CHECKPOINT_FILES, revision=revision)
         meta = read_multitap_config(ckpt_dir)
+        if max_length == "auto":
+            max_length = meta.get("max_length", "auto")
         for key, value in (("image_size", image_size), ("max_length", max_length)):
-            if meta.get(key, value) != value:  # scores change with these: say so
+            if value != "auto" and meta.get(key, value) != value:  # scores change with these: say so
                 logger.warning("checkpoint was trained with %s=%s but is loaded with %s=%s", key, meta[key], key, value)
         base = base_model or meta.get("base_model") or KNOWN_CHECKPOINTS.get(os.fspath(checkpoint))
         if base is None:
@@ -232,7 +255,7 @@ class MultiTapModel(nn.Module):
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         rope: str = "reference",
-        max_length: int | None = 1024,
+        max_length: int | None | str = "auto",
         image_size: int | None = 560,
         engine: EngineConfig | None = None,
         revision: str | None = None,

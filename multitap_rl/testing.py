@@ -35,6 +35,8 @@ __all__ = [
     "SHAPE_POSITIONS",
     "ShapeScene",
     "TINY_SD_PROMPTS",
+    "build_tiny_internlm_xc2",
+    "build_tiny_internlm_xc2_multitap",
     "build_tiny_mllama",
     "build_tiny_mllama_multitap",
     "build_tiny_multitap",
@@ -340,6 +342,7 @@ def make_image(seed: int = 0, size: tuple[int, int] = (64, 48)):
 from ._reference import ReferenceScorer  # noqa: E402  (re-export: the reference forward for tests/benchmarks)
 from ._reference_mllama import MllamaReferenceScorer  # noqa: E402  (the same for Llama-3.2-Vision)
 from ._tiny_mllama import LLAMA32_VISION_CHAT_TEMPLATE, build_tiny_mllama, build_tiny_mllama_multitap  # noqa: E402
+from ._tiny_internlm_xc2 import build_tiny_internlm_xc2, build_tiny_internlm_xc2_multitap  # noqa: E402
 from ._tiny_diffusion import (  # noqa: E402  (diffusers is imported lazily)
     TINY_SD_PROMPTS,
     build_tiny_stable_diffusion,

@@ -35,7 +35,7 @@ class ScorerSpec:
     max_batch_tokens: int = 8192
     offload: bool = False  # keep the model on CPU between calls (frees GPU memory for the policy)
     image_size: int | None = 560
-    max_length: int | None = 1024
+    max_length: int | None | str = "auto"  # "auto": the backbone's reference value (see MultiTapModel.from_pretrained)
     # id() of an in-memory model this spec was made from: two model objects never share a scorer.
     # In another process (after pickling) no model has that id, and the spec loads from `checkpoint`
     # with that model's backbone options and, if its heads were given as an object, those heads.

@@ -20,8 +20,13 @@ def add_model_arguments(p: argparse.ArgumentParser, *, heads: bool = True) -> No
     p.add_argument("--rope", default=None, choices=["reference", "mrope"], help="position scheme (default: reference)")
     p.add_argument("--image-size", type=_optional_int, default=560,
                    help="resize images to this square size before the processor (reference: 560; 'none': keep)")
-    p.add_argument("--max-length", type=_optional_int, default=1024,
-                   help="truncate prompts to this many tokens as the reference does (default 1024; 'none': never)")
+    p.add_argument("--max-length", type=_max_length, default="auto",
+                   help="truncate prompts to this many tokens as the reference does (default 'auto': the "
+                        "backbone's reference value, 1024 or 16384 for InternLM-XComposer2.5; 'none': never)")
+
+
+def _max_length(value: str) -> int | None | str:
+    return "auto" if value.lower() == "auto" else _optional_int(value)
 
 
 def _optional_int(value: str) -> int | None:
