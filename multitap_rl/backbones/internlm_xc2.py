@@ -378,7 +378,9 @@ class VisionTower(nn.Module):
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
         self.vision_tower = nn.Module()
-        self.vision_tower.vision_model = CLIPVisionModel(CLIPVisionConfig(**vision))
+        # eager attention: the 4.33 CLIP's arithmetic (bmm, softmax), so the features the reference
+        # rounds to bfloat16 are the same float32 numbers and no rounding flips (measured)
+        self.vision_tower.vision_model = CLIPVisionModel(CLIPVisionConfig(**vision, attn_implementation="eager"))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -446,6 +448,13 @@ class InternLMXC2Model(nn.Module):
 
     def encode_image(self, pixels: torch.Tensor, crops: tuple[int, int]) -> torch.Tensor:
         """One image's (tokens, hidden) embeddings, as ``img2emb`` (``vit`` + ``vision_proj``)."""
+        out = self.view_tokens(pixels, crops)
+        proj = self.vision_proj
+        return proj(out.to(proj[0].weight.dtype))
+
+    def view_tokens(self, pixels: torch.Tensor, crops: tuple[int, int]) -> torch.Tensor:
+        """(tokens, 4C): the remote ``CLIPVisionTower.forward`` output for one image (merged CLIP
+        features of the global view and the sub-image grid, with the separators)."""
         h, w = crops
         _, height, width = pixels.shape
         if (height, width) != (h * CROP, w * CROP):
@@ -466,9 +475,7 @@ class InternLMXC2Model(nn.Module):
         g = torch.cat([merged[:1].to(dtype), sub_gn.expand(1, half, 1, 4 * c)], dim=2).reshape(1, -1, 4 * c)
         s = merged[1:].reshape(1, h, w, half, half, 4 * c).permute(0, 1, 3, 2, 4, 5).reshape(1, h * half, w * half, 4 * c)
         s = torch.cat([s.to(dtype), sub_gn.expand(1, h * half, 1, 4 * c)], dim=2).reshape(1, -1, 4 * c)
-        out = torch.cat([g, glb_gn, s], dim=1)[0]
-        proj = self.vision_proj
-        return proj(out.to(proj[0].weight.dtype))
+        return torch.cat([g, glb_gn, s], dim=1)[0]
 
 
 def num_image_tokens(h: int, w: int) -> int:
