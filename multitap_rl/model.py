@@ -330,7 +330,7 @@ class MultiTapModel(nn.Module):
         head_sd = {k[len("reward_head.") :]: v for k, v in state.items() if k.startswith("reward_head.")}
         if not backbone_sd or set(head_sd) != {"weight", "bias"}:
             raise ValueError("state_dict must hold backbone.model.* and reward_head.{weight,bias}")
-        lora = [k for k in backbone_sd if "lora_" in k or ".base_layer." in k]
+        lora = [k for k in backbone_sd if ".lora_" in k or ".base_layer." in k]  # not P-LoRA (Plora_A, plora_*_GN)
         if lora:
             raise ValueError(
                 f"state holds unmerged LoRA weights ({lora[0]!r}, ...): merge them first "

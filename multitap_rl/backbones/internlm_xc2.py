@@ -397,6 +397,8 @@ class InternLMXC2Model(nn.Module):
     """XComposer2.5 without ``output`` (lm_head): ``model`` (InternLM2), ``vit``, ``vision_proj``
     and the two separator embeddings, under the hub's parameter names."""
 
+    base_model_prefix = ""  # read by peft/transformers' weight-conversion scan when LoRA is injected
+
     def __init__(self, cfg: InternLMXC2Config):
         super().__init__()
         self.config = cfg
@@ -431,20 +433,20 @@ class InternLMXC2Model(nn.Module):
 
     def run(self, embeds: torch.Tensor, positions: torch.Tensor, past=None, im_mask=None):
         """The language model over ``embeds`` (B, S, H) at ``positions`` (B, S), continuing from
-        ``past`` (per layer (k, v)); returns (final-norm hidden states, new per-layer (k, v))."""
+        ``past`` (:class:`KVCache`); returns (final-norm hidden states, the new :class:`KVCache`)."""
         cos, sin = self.rope(positions, embeds.dtype)
         h = embeds
         new = []
         for i, layer in enumerate(self.model.layers):
-            lp = past[i] if past is not None else None
+            lp = (past.layers[i].keys, past.layers[i].values) if past is not None else None
             if self.model.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint
 
                 h, kv = checkpoint(layer, h, cos, sin, lp, im_mask, **getattr(self, "_ckpt_kwargs", {}))
             else:
                 h, kv = layer(h, cos, sin, lp, im_mask)
-            new.append(kv)
-        return self.model.norm(h), new
+            new.append(LayerKV(*kv))
+        return self.model.norm(h), KVCache(new)
 
     def encode_image(self, pixels: torch.Tensor, crops: tuple[int, int]) -> torch.Tensor:
         """One image's (tokens, hidden) embeddings, as ``img2emb`` (``vit`` + ``vision_proj``)."""
@@ -476,6 +478,20 @@ class InternLMXC2Model(nn.Module):
         s = merged[1:].reshape(1, h, w, half, half, 4 * c).permute(0, 1, 3, 2, 4, 5).reshape(1, h * half, w * half, 4 * c)
         s = torch.cat([s.to(dtype), sub_gn.expand(1, h * half, 1, 4 * c)], dim=2).reshape(1, -1, 4 * c)
         return torch.cat([g, glb_gn, s], dim=1)[0]
+
+
+@dataclass
+class LayerKV:
+    keys: torch.Tensor  # (B, kv_heads, L, head_dim), after RoPE
+    values: torch.Tensor
+
+
+@dataclass
+class KVCache:
+    """The language model's cached keys/values, one :class:`LayerKV` per layer (``.layers``, as a
+    transformers ``DynamicCache`` exposes them)."""
+
+    layers: list[LayerKV]
 
 
 def num_image_tokens(h: int, w: int) -> int:
@@ -673,4 +689,4 @@ class InternLMXC2Backbone(Backbone):
         def pick(t):
             return t[r : r + 1].expand(n, *t.shape[1:]) if one else t.index_select(0, rows)
 
-        return [(pick(k), pick(v)) for k, v in cache]
+        return KVCache([LayerKV(pick(layer.keys), pick(layer.values)) for layer in cache.layers])
