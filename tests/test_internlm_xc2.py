@@ -168,3 +168,27 @@ def test_stage1_trains_and_reloads(tiny_xc2_dirs, tmp_path, finetune):
         plain = MultiTapModel.from_pretrained(path, device="cpu", engine=EngineConfig(share_images=False,
                                                                                      share_prefix=False))
         assert torch.allclose(plain.score(imgs, texts).overall, trained, atol=1e-6, rtol=0), layout
+
+
+def test_extraction_and_rewards(tiny_xc2_model, tmp_path, images):
+    """Stage-2 feature extraction and the TRL reward read the same features as ``features``/``score``."""
+    from multitap_rl.training.stage2 import extract_features, load_features
+    from reward_fns import multitap_reward
+
+    rows = [{"image": images[i % 2], "text": t, "id": str(i)} for i, t in enumerate(TEXTS * 2)]
+    store = extract_features(tiny_xc2_model, rows, tmp_path / "feats", schema="caption", chunk_size=3,
+                             batch_size=2, progress=False)
+    fs = load_features(store)
+    expected = tiny_xc2_model.features([r["image"] for r in rows], [r["text"] for r in rows])
+    assert torch.allclose(torch.as_tensor(fs.features).float(), expected, atol=1e-6, rtol=0)
+    reward = multitap_reward(tiny_xc2_model, log_dims=False)
+    got = reward(prompts=["Describe."] * 2, completions=TEXTS, image=images[:2])
+    assert got == pytest.approx(tiny_xc2_model.score(images[:2], TEXTS).overall.tolist(), abs=1e-6)
+
+
+def test_bfloat16_runs_the_reference_path(tiny_xc2_dirs, images):
+    """bf16 (the reference's dtype on GPU): the same path, close to float32."""
+    f32 = _load(tiny_xc2_dirs).score(images[:2], TEXTS).overall
+    bf16 = _load(tiny_xc2_dirs, dtype="bf16")
+    assert bf16.backbone.dtype == torch.bfloat16
+    assert torch.allclose(bf16.score(images[:2], TEXTS).overall, f32, atol=0.05)
