@@ -192,3 +192,21 @@ def test_bfloat16_runs_the_reference_path(tiny_xc2_dirs, images):
     bf16 = _load(tiny_xc2_dirs, dtype="bf16")
     assert bf16.backbone.dtype == torch.bfloat16
     assert torch.allclose(bf16.score(images[:2], TEXTS).overall, f32, atol=0.05)
+
+
+@pytest.mark.parametrize("size", [(64, 48), (600, 700), (560, 560), (1000, 300)])
+def test_differentiable_pixels_are_the_reference_pixels(tiny_xc2_model, size):
+    """The torch twin of the reference's image path (PIL bicubic to 560, to_tensor, bfloat16)
+    gives exactly the processed pixels before the straight-through step, and carries gradients."""
+    from multitap_rl.differentiable import pil_resize, to_uint8_ste
+    from multitap_rl.images import load_image
+
+    bb = tiny_xc2_model.backbone
+    x = torch.rand(3, size[1], size[0], generator=torch.Generator().manual_seed(sum(size)), requires_grad=True)
+    hard = bb.prepare_image(load_image(x.detach())).inputs["pixel_values"]
+    soft = pil_resize(to_uint8_ste(x), (560, 560), "bicubic") / 255.0
+    assert torch.equal(soft.float().bfloat16(), hard)
+    out = bb.prepare_pixels(x).inputs["pixel_values"]
+    assert torch.equal(out.detach(), hard)
+    out.float().sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
