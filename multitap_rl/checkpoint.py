@@ -50,10 +50,11 @@ KNOWN_CHECKPOINTS = {
     "brl-xfact/Multi-TAP-Qwen2-VL-2B": "Qwen/Qwen2-VL-2B-Instruct",
     "brl-xfact/Multi-TAP-Qwen2-VL-7B": "Qwen/Qwen2-VL-7B-Instruct",
     "brl-xfact/Multi-TAP-Llama3.2-11B-Vision": "meta-llama/Llama-3.2-11B-Vision-Instruct",
+    "brl-xfact/Multi-TAP-internlm-xcomposer2d5-7b": "internlm/internlm-xcomposer2d5-7b",
 }
 
 # Files a base model contributes: config, tokenizer, processor, chat template. Never its weights.
-BASE_MODEL_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+BASE_MODEL_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]  # *.model: SentencePiece (InternLM2)
 CHECKPOINT_FILES = ["*.json", "*.safetensors"]
 
 

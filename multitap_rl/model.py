@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbones import Backbone, backbone_for
+from .backbones import Backbone, backbone_for, remote_code_backbone
 from .checkpoint import (
     BASE_MODEL_FILES,
     CHECKPOINT_FILES,
@@ -66,7 +66,7 @@ class ScoreOutput:
 
 
 AUTO = "auto"  # image_size / max_length: the checkpoint's own value (ours record it), else the reference's
-_REFERENCE_SETTINGS = {"image_size": 560, "max_length": 1024}
+_REFERENCE_SETTINGS = {"image_size": 560, "max_length": AUTO}  # AUTO max_length: the backbone's reference value
 
 
 def default_device() -> torch.device:
@@ -123,7 +123,7 @@ def _settings(meta: dict, image_size, max_length, where: str) -> tuple:
         if isinstance(value, str):
             if value != AUTO:
                 raise ConfigError(f"{key} must be an int, None or 'auto', got {value!r}")
-            value = meta[key] if key in meta else _REFERENCE_SETTINGS[key]
+            value = meta[key] if key in meta else _REFERENCE_SETTINGS[key]  # max_length: the backbone's
         elif recorded is not None and recorded != value:
             logger.warning("%s was trained with %s=%s but is loaded with %s=%s (scores change)", where, key,
                            recorded, key, value)
@@ -176,33 +176,46 @@ def _load_backbone(base_dir: Path, base_name, state: dict[str, torch.Tensor], wh
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
     from transformers.initialization import no_init_weights
 
+    # 1. The adapter from config.json's model_type. Models whose config names remote code
+    #    (auto_map) are read by their adapter itself; nothing from the base model's code runs.
     name = os.fspath(base_name)
     try:
-        config = AutoConfig.from_pretrained(base_dir)
+        native = remote_code_backbone(base_dir)
+        if native is not None:
+            backbone_cls = native
+            state, ignored = backbone_cls.remap_state_dict(state)
+            config = backbone_cls.read_config(base_dir, state)
+        else:
+            config = AutoConfig.from_pretrained(base_dir)
+            backbone_cls = backbone_for(config)
+            state, ignored = backbone_cls.remap_state_dict(state)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"base model {name!r}: cannot read its config.json ({exc})") from None
-    try:
-        backbone_cls = backbone_for(config)
-        state, ignored = backbone_cls.remap_state_dict(state)
-    except ValueError as exc:
-        raise CheckpointError(f"base model {name!r}: {exc}") from None
     if ignored:
         logger.info("ignoring %s (not needed to score)", ", ".join(ignored))
+    # 2. The module, uninitialised, then the weights strictly.
     with no_init_weights(), torch.device(dev):
         module = backbone_cls.build_module(config, dtype=dt)
     load_strict(module, state, where)
     module.eval().requires_grad_(False)
+    # 3. Tokenizer, image processor, chat template.
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        image_processor = AutoImageProcessor.from_pretrained(base_dir)
+        if native is not None:
+            tokenizer, image_processor, chat_template = backbone_cls.load_processing(base_dir)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(base_dir)
+            image_processor = AutoImageProcessor.from_pretrained(base_dir)
+            chat_template = _chat_template(tokenizer, base_dir)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"base model {name!r}: cannot load its tokenizer or image processor ({exc})") from None
     if len(tokenizer) < 16:  # transformers builds an almost empty tokenizer when the files are missing
         raise CheckpointError(f"base model {name!r}: its tokenizer has {len(tokenizer)} token(s); the tokenizer files "
                               "(tokenizer.json / tokenizer_config.json) are missing or broken")
+    if max_length == AUTO:
+        max_length = backbone_cls.default_max_length
     options = _backbone_options(backbone_options)
     try:
-        backbone = backbone_cls(module, tokenizer, image_processor, _chat_template(tokenizer, base_dir),
+        backbone = backbone_cls(module, tokenizer, image_processor, chat_template,
                                 rope=rope, image_size=image_size, max_length=max_length, **options)
     except ConfigError:
         raise
@@ -258,7 +271,8 @@ class MultiTapModel(nn.Module):
             rope: "reference" (arange positions, as the released checkpoints were scored) or
                 "mrope"; default from our checkpoint metadata, else "reference".
             max_length: truncate prompts to this many tokens as the reference does (None: never);
-                "auto": the value our checkpoint recorded, else the reference's 1024.
+                "auto": the value our checkpoint recorded, else the backbone's reference value
+                (1024 for Qwen2-VL and Llama-3.2-Vision, 16384 for InternLM-XComposer2.5).
             image_size: images are resized to ``image_size`` squared (None: not resized); "auto":
                 the value our checkpoint recorded, else the reference's 560. An explicit value that
                 differs from the recorded one is used, with a warning.
@@ -316,7 +330,7 @@ class MultiTapModel(nn.Module):
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         rope: str = "reference",
-        max_length: int | None = 1024,
+        max_length: int | None | str = "auto",
         image_size: int | None = 560,
         engine: EngineConfig | None = None,
         revision: str | None = None,
@@ -391,7 +405,7 @@ class MultiTapModel(nn.Module):
         head_sd = {k[len("reward_head.") :]: v for k, v in state.items() if k.startswith("reward_head.")}
         if not backbone_sd or set(head_sd) != {"weight", "bias"}:
             raise ValueError("state_dict must hold backbone.model.* and reward_head.{weight,bias}")
-        lora = [k for k in backbone_sd if "lora_" in k or ".base_layer." in k]
+        lora = [k for k in backbone_sd if ".lora_" in k or ".base_layer." in k]  # not P-LoRA (Plora_A, plora_*_GN)
         if lora:
             raise ValueError(
                 f"state holds unmerged LoRA weights ({lora[0]!r}, ...): merge them first "

@@ -20,7 +20,7 @@ def load_tool():
     return module
 
 
-def rebuilt_or_skip(stored: dict, out: Path, build, what: str, family: str) -> Path:
+def rebuilt_or_skip(stored: dict, out: Path, build, what: str, family: str, regenerate: str | None = None) -> Path:
     """Rebuild the tiny model with ``build(out)``; skip (naming the files that differ and the
     versions) when its bytes are not the fingerprinted ones the stored numbers belong to."""
     import tokenizers
@@ -34,9 +34,9 @@ def rebuilt_or_skip(stored: dict, out: Path, build, what: str, family: str) -> P
         differ = sorted(k for k in set(got["files"]) | set(want["files"])
                         if got["files"].get(k) != want["files"].get(k))
         pytest.skip(
-            f"the rebuilt seed-{info['seed']} {what} differs from the one the 4.46.1 scores were computed for "
+            f"the rebuilt seed-{info['seed']} {what} differs from the one the stored reference scores were computed for "
             f"(files {differ}); stored from {info.get('builder_versions')}, here torch {torch.__version__}, "
             f"tokenizers {tokenizers.__version__}, transformers {transformers.__version__}. "
-            f"Regenerate: bash tools/regenerate_reference_446.sh {family}"
+            f"Regenerate: {regenerate or f'bash tools/regenerate_reference_446.sh {family}'}"
         )
     return out

@@ -44,8 +44,25 @@ def tiny_mllama_model(tiny_mllama_dirs):
     return MultiTapModel.from_pretrained(reward, base_model=base, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def tiny_xc2_dirs(tmp_path_factory):
+    """(base_dir, reward_dir) of the seeded tiny InternLM-XComposer2.5 MULTI-TAP model."""
+    from multitap_rl.testing import build_tiny_internlm_xc2_multitap
+
+    return build_tiny_internlm_xc2_multitap(tmp_path_factory.mktemp("tiny_xc2"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_xc2_model(tiny_xc2_dirs):
+    from multitap_rl import MultiTapModel
+
+    base, reward = tiny_xc2_dirs
+    return MultiTapModel.from_pretrained(reward, base_model=base, device="cpu")
+
+
 # Tests that must hold for every backbone take these: one run per backbone family.
-BACKBONE_FIXTURES = {"qwen2_vl": ("tiny_dirs", "tiny_model"), "mllama": ("tiny_mllama_dirs", "tiny_mllama_model")}
+BACKBONE_FIXTURES = {"qwen2_vl": ("tiny_dirs", "tiny_model"), "mllama": ("tiny_mllama_dirs", "tiny_mllama_model"),
+                     "internlm_xc2": ("tiny_xc2_dirs", "tiny_xc2_model")}
 
 
 @pytest.fixture(scope="session", params=sorted(BACKBONE_FIXTURES))

@@ -26,6 +26,9 @@ REFERENCES = {"qwen2_vl": ReferenceScorer, "mllama": MllamaReferenceScorer}
 
 @pytest.fixture(scope="module")
 def reference(backbone_family, backbone_dirs, tmp_path_factory):
+    if backbone_family not in REFERENCES:  # remote-code models: no transformers-5 reference to run here
+        pytest.skip(f"{backbone_family}: compared with its remote code's stored numbers instead "
+                    "(tests/test_internlm_xc2_reference.py)")
     base, reward = backbone_dirs
     return REFERENCES[backbone_family](base, reward, tmp_path_factory.mktemp("ref"))
 

@@ -101,6 +101,12 @@ class Backbone(nn.Module):
     # True: the engine keeps each suffix micro-batch within one prefix group, so select_cache can
     # return views of one cached row instead of copies (worth it when the cache is large per row).
     cache_views: ClassVar[bool] = False
+    # The reference's prompt length cap, used when ``max_length="auto"`` (MultiTapModel.from_pretrained).
+    default_max_length: ClassVar[int | None] = 1024
+    # True: the base model's config.json names remote code (auto_map); the adapter reads the config
+    # (``read_config(base_dir, state)``) and its tokenizer/processing (``load_processing(base_dir)``)
+    # itself instead of transformers' Auto* classes.
+    remote_code: ClassVar[bool] = False
 
     # Qwen2-VL's processor refuses images whose long side exceeds this multiple of the short side;
     # checked per sample (a SampleError naming it) before any processor runs. None: no limit.

@@ -26,7 +26,8 @@ def add_model_arguments(p: argparse.ArgumentParser, *, heads: bool = True) -> No
                         "checkpoint's own setting, else the reference's 560)")
     p.add_argument("--max-length", type=optional_int, default="auto",
                    help="truncate prompts to this many tokens as the reference does ('none': never; default: the "
-                        "checkpoint's own setting, else 1024)")
+                        "checkpoint's own setting, else the backbone's reference value: 1024, 16384 for "
+                        "InternLM-XComposer2.5)")
 
 
 def optional_int(value: str) -> int | None | str:

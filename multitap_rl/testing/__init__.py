@@ -6,6 +6,7 @@ disk, so tests can compare numbers across runs.
 * :mod:`.qwen2_vl` -- a tiny Qwen2-VL base model and released-layout MULTI-TAP checkpoint
   (:func:`build_tiny_multitap`);
 * :mod:`.mllama` -- the same for Llama-3.2-Vision (:func:`build_tiny_mllama_multitap`);
+* :mod:`.internlm_xc2` -- the same for InternLM-XComposer2.5 (:func:`build_tiny_internlm_xc2_multitap`);
 * :mod:`.diffusion` -- a tiny Stable-Diffusion-style pipeline (diffusers imported lazily);
 * :mod:`.reference` -- re-implementations of the MULTI-TAP reference forward (:class:`ReferenceScorer`,
   :class:`MllamaReferenceScorer`), the baseline of tests and benchmarks;
@@ -31,6 +32,7 @@ from ..data.shapes import (
 )
 from .diffusion import TINY_SD_PROMPTS, build_tiny_stable_diffusion, tiny_stable_diffusion_pipeline
 from .images import make_image
+from .internlm_xc2 import build_tiny_internlm_xc2, build_tiny_internlm_xc2_multitap
 from .mllama import LLAMA32_VISION_CHAT_TEMPLATE, build_tiny_mllama, build_tiny_mllama_multitap
 from .qwen2_vl import (
     QWEN2_VL_CHAT_TEMPLATE,
@@ -53,6 +55,8 @@ __all__ = [
     "SHAPE_POSITIONS",
     "ShapeScene",
     "TINY_SD_PROMPTS",
+    "build_tiny_internlm_xc2",
+    "build_tiny_internlm_xc2_multitap",
     "build_tiny_mllama",
     "build_tiny_mllama_multitap",
     "build_tiny_multitap",
