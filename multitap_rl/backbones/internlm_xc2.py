@@ -8,7 +8,7 @@ parameter names are the hub's (``model.*``, ``vit.vision_tower.*``, ``vision_pro
 
 What the MULTI-TAP reference computes, and how each fact was verified. "Measured" means: by running
 the remote code (transformers 4.33.2, the version its config names) on the tiny random model of
-``multitap_rl._tiny_internlm_xc2`` in ``tools/reference_internlm_xc2.py``, numbers stored in
+``multitap_rl.testing.internlm_xc2`` in ``tools/reference_internlm_xc2.py``, numbers stored in
 ``tests/data/reference_internlm_xc2_scores.json`` and compared in
 ``tests/test_internlm_xc2_reference.py``; "read" means: from the source of kaist-cvml/MULTI-TAP.
 
