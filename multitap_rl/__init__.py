@@ -13,8 +13,9 @@ Reward adapters for trainers live in the top-level package ``reward_fns``.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 __all__ = [
     "CheckpointError",
@@ -62,12 +63,4 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     from .schemas import list_schemas
     from .scoring import EngineConfig
 
-
-def __getattr__(name: str):  # lazy: `multitap-rl --help` should not import torch
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -26,6 +26,7 @@ import torch
 
 from .dimensions import OVERALL, check_dimension_name
 from .errors import ConfigError, DataError
+from .yamlio import load_yaml_file, load_yaml_text
 
 __all__ = [
     "NORMALIZATIONS",
@@ -93,12 +94,10 @@ class Weights:
     @classmethod
     def from_yaml_text(cls, text: str, where: str) -> Weights:
         """A YAML document ``{weights: {dim: w, ...}}`` (or the mapping at top level)."""
-        import yaml
+        return cls._from_yaml_data(load_yaml_text(text, where), where)
 
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    @classmethod
+    def _from_yaml_data(cls, data, where: str) -> Weights:
         if isinstance(data, dict) and "weights" in data:
             data = data["weights"]
         if not isinstance(data, dict):
@@ -110,12 +109,7 @@ class Weights:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Weights:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{p}: not UTF-8 text ({exc.reason})") from None
-        return cls.from_yaml_text(text, str(p))
+        return cls._from_yaml_data(load_yaml_file(path), str(path))
 
     @classmethod
     def parse(cls, spec: Weights | Mapping[str, float] | str | os.PathLike | None) -> Weights:

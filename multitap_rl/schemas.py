@@ -35,6 +35,7 @@ from pathlib import Path
 
 from .dimensions import OVERALL, check_dimension_name
 from .errors import ConfigError, DataError
+from .yamlio import load_yaml_file, load_yaml_text
 
 __all__ = [
     "PRESETS",
@@ -237,24 +238,18 @@ class ObjectiveSchema:
 
     @classmethod
     def from_yaml_text(cls, text: str, where: str) -> ObjectiveSchema:
-        import yaml
+        return cls._from_yaml_data(load_yaml_text(text, where), where)
 
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> ObjectiveSchema:
+        return cls._from_yaml_data(load_yaml_file(path), str(path))
+
+    @classmethod
+    def _from_yaml_data(cls, data, where: str) -> ObjectiveSchema:
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> ObjectiveSchema:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
-        return cls.from_yaml_text(text, str(path))
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "task": self.task}

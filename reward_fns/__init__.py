@@ -12,8 +12,9 @@ All of them wrap one :class:`~reward_fns.core.RewardCore` (spec + shared scorer 
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from multitap_rl._lazy import lazy_exports
 
 __all__ = [
     "DDPOReward",
@@ -54,12 +55,4 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     from .ppo import MultiTapScorer
     from .trl import multitap_objective_rewards, multitap_reward
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

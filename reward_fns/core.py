@@ -35,6 +35,7 @@ from multitap_rl.errors import ConfigError, SampleError
 
 __all__ = [
     "ON_INVALID",
+    "CoreReward",
     "RewardCore",
     "ScorerSpec",
     "SharedScorer",
@@ -369,3 +370,36 @@ class RewardCore:
             idx = valid.nonzero().reshape(-1)
         picked = {k: v[idx.to(v.device)] for k, v in dims.items()}
         return self.combiner(picked), idx
+
+
+class CoreReward:
+    """Base of the reward adapters: a :class:`RewardCore` and a stable ``__name__`` (TRL logs
+    rewards by it), with the core's spec, combiner, weights, dimension names and model."""
+
+    def __init__(self, core: RewardCore, name: str):
+        self.core = core
+        self.__name__ = name
+
+    @property
+    def spec(self) -> ScorerSpec:
+        return self.core.spec
+
+    @property
+    def combiner(self):
+        return self.core.combiner
+
+    @property
+    def weights(self):
+        return self.core.combiner.weights
+
+    @property
+    def dimension_names(self) -> tuple[str, ...]:
+        return tuple(self.core.dimension_names)
+
+    @property
+    def scorer(self) -> SharedScorer:
+        return self.core.scorer
+
+    @property
+    def model(self):
+        return self.core.model

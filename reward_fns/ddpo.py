@@ -31,7 +31,7 @@ import torch
 
 from multitap_rl.errors import DataError
 
-from .core import RewardCore
+from .core import CoreReward, RewardCore
 
 __all__ = ["DDPOReward", "check_prompts", "ddpo_reward", "images_to_pil", "split_images"]
 
@@ -108,7 +108,7 @@ def _check_metadata(metadata, n: int) -> None:
         raise DataError(f"got {len(metadata)} metadata entries for {n} images")
 
 
-class DDPOReward:
+class DDPOReward(CoreReward):
     """The weighted MULTI-TAP reward for DDPO-style trainers (see :func:`ddpo_reward`).
 
     ``__call__(images, prompts, metadata=None) -> (rewards (B,) float32 CPU, info dict)``.
@@ -116,24 +116,7 @@ class DDPOReward:
     """
 
     def __init__(self, core: RewardCore, *, name: str = "multitap"):
-        self.core = core
-        self.__name__ = name
-
-    @property
-    def spec(self):
-        return self.core.spec
-
-    @property
-    def weights(self):
-        return self.core.combiner.weights
-
-    @property
-    def combiner(self):
-        return self.core.combiner
-
-    @property
-    def dimension_names(self) -> tuple[str, ...]:
-        return tuple(self.core.dimension_names)
+        super().__init__(core, name)
 
     def __call__(self, images, prompts, metadata=None) -> tuple[torch.Tensor, dict]:
         # 1. Validate and convert (cheap, before the model loads).

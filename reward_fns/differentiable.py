@@ -19,7 +19,7 @@ import torch
 
 from multitap_rl.errors import ConfigError
 
-from .core import RewardCore
+from .core import CoreReward, RewardCore
 from .ddpo import _check_metadata, check_prompts
 
 __all__ = ["DifferentiableReward", "differentiable_reward"]
@@ -27,29 +27,12 @@ __all__ = ["DifferentiableReward", "differentiable_reward"]
 logger = logging.getLogger(__name__)
 
 
-class DifferentiableReward:
+class DifferentiableReward(CoreReward):
     """``__call__(images, prompts, metadata=None) -> (rewards (B,) with grad, info)``; see
     :func:`differentiable_reward`. Picklable (holds a spec; the model loads once per process)."""
 
     def __init__(self, core: RewardCore, *, name: str = "multitap"):
-        self.core = core
-        self.__name__ = name
-
-    @property
-    def spec(self):
-        return self.core.spec
-
-    @property
-    def weights(self):
-        return self.core.combiner.weights
-
-    @property
-    def combiner(self):
-        return self.core.combiner
-
-    @property
-    def model(self):
-        return self.core.model
+        super().__init__(core, name)
 
     def __call__(self, images: torch.Tensor, prompts, metadata=None) -> tuple[torch.Tensor, dict]:
         from multitap_rl.differentiable import check_pixels, score_pixels

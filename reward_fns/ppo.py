@@ -12,12 +12,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .core import RewardCore
+from .core import CoreReward, RewardCore
 
 __all__ = ["MultiTapScorer"]
 
 
-class MultiTapScorer:
+class MultiTapScorer(CoreReward):
     """``scorer(images, texts, questions=None) -> Tensor (N,) float32`` weighted MULTI-TAP rewards.
 
     Same arguments as :func:`reward_fns.trl.multitap_reward` (weights, normalisation, gates,
@@ -31,20 +31,12 @@ class MultiTapScorer:
                  gates: Sequence = (), momentum: float = 0.99, device=None, dtype=None, rope=None,
                  max_batch_tokens: int = 8192, offload: bool = False, output_device=None, on_invalid="raise",
                  image_size="auto", max_length="auto"):
-        self.core = RewardCore(model_or_path, base_model=base_model, heads=heads, weights=weights,
-                               normalize=normalize, gates=gates, momentum=momentum, device=device, dtype=dtype,
-                               rope=rope, max_batch_tokens=max_batch_tokens, offload=offload, image_size=image_size,
-                               max_length=max_length, on_invalid=on_invalid, invalid_options=("raise",))
+        core = RewardCore(model_or_path, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
+                          gates=gates, momentum=momentum, device=device, dtype=dtype, rope=rope,
+                          max_batch_tokens=max_batch_tokens, offload=offload, image_size=image_size,
+                          max_length=max_length, on_invalid=on_invalid, invalid_options=("raise",))
+        super().__init__(core, "multitap_scorer")
         self.output_device = None if output_device is None else torch.device(output_device)
-        self.__name__ = "multitap_scorer"
-
-    @property
-    def spec(self):
-        return self.core.spec
-
-    @property
-    def combiner(self):
-        return self.core.combiner
 
     def _combined(self, images, texts, questions):
         out = self.core.score(images, texts, questions)

@@ -28,7 +28,7 @@ import torch
 
 from multitap_rl.errors import ConfigError, DataError, SampleError
 
-from .core import RewardCore
+from .core import CoreReward, RewardCore
 
 __all__ = [
     "MultiTapObjectiveReward",
@@ -111,25 +111,18 @@ class _Several:
         self.n = n
 
 
-class _TRLReward:
+class _TRLReward(CoreReward):
     """Shared plumbing of the TRL callables: a :class:`RewardCore`, TRL input parsing, per-sample
     isolation (``on_invalid``) and empty completions (``empty_reward``)."""
 
-    def __init__(self, core: RewardCore, task: str, empty_reward: float | None):
+    def __init__(self, core: RewardCore, task: str, empty_reward: float | None, name: str):
         if task not in TASKS:
             raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
         if empty_reward is not None and (isinstance(empty_reward, bool) or not isinstance(empty_reward, (int, float))
                                          or not math.isfinite(empty_reward)):
             raise ConfigError(f"empty_reward must be a finite number or None, got {empty_reward!r}")
-        self.core, self.task, self.empty_reward = core, task, empty_reward
-
-    @property
-    def spec(self):
-        return self.core.spec
-
-    @property
-    def scorer(self):
-        return self.core.scorer
+        super().__init__(core, name)
+        self.task, self.empty_reward = task, empty_reward
 
     def _score(self, prompts, completions, kwargs):
         """(ScoreOutput over the scored completions or None, their indices, indices with empty text,
@@ -196,17 +189,8 @@ class MultiTapReward(_TRLReward):
 
     def __init__(self, core: RewardCore, *, task: str = "caption", name: str = "multitap",
                  empty_reward: float | None = None, log_dims: bool = True):
-        super().__init__(core, task, empty_reward)
-        self.__name__ = name
+        super().__init__(core, task, empty_reward, name)
         self.log_dims = log_dims
-
-    @property
-    def weights(self):
-        return self.core.combiner.weights
-
-    @property
-    def combiner(self):
-        return self.core.combiner
 
     def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
         n = len(completions)
@@ -239,11 +223,10 @@ class MultiTapObjectiveReward(_TRLReward):
 
     def __init__(self, core: RewardCore, dim: str, *, task: str = "caption", empty_reward: float | None = None,
                  prefix: str = "multitap_"):
-        super().__init__(core, task, empty_reward)
         if dim not in core.dimension_names:
             raise ConfigError(f"unknown dimension {dim!r}; valid names: {list(core.dimension_names)}")
+        super().__init__(core, task, empty_reward, f"{prefix}{dim}")
         self.dim = dim
-        self.__name__ = f"{prefix}{dim}"
 
     def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
         out, keep, empty, invalid = self._score(prompts, completions, kwargs)

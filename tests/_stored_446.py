@@ -1,9 +1,11 @@
-"""Shared by the transformers-4.46.1 comparison tests: the stdlib-only tool module and the
-rebuild-or-skip rule for the tiny model the stored numbers were computed for."""
+"""Shared by the stored-reference comparison tests (transformers 4.46.1, remote code): the
+stdlib-only tool module, the rebuild-or-skip rule for the tiny model the stored numbers were
+computed for, and the two fixtures every such test module uses."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,22 @@ def rebuilt_or_skip(stored: dict, out: Path, build, what: str, family: str, rege
             f"Regenerate: {regenerate or f'bash tools/regenerate_reference_446.sh {family}'}"
         )
     return out
+
+
+def stored_fixtures(data: Path, build, what: str, family: str, regenerate: str | None = None):
+    """(``stored``, ``model_dir``) module fixtures: the stored numbers in ``data``, and the tiny model
+    they were computed for, rebuilt with ``build(out, **stored["model"]-derived kwargs)`` or skipped.
+    ``build(out, info)`` gets the stored model info (seed, size, ...)."""
+
+    @pytest.fixture(scope="module")
+    def stored():
+        return json.loads(data.read_text())
+
+    @pytest.fixture(scope="module")
+    def model_dir(stored, tmp_path_factory):
+        """The tiny model the stored numbers were computed for, rebuilt; skip if its bytes differ."""
+        info = stored["model"]
+        return rebuilt_or_skip(stored, tmp_path_factory.mktemp(f"tiny_{family}_ref"), lambda out: build(out, info),
+                               what, family, regenerate=regenerate)
+
+    return stored, model_dir

@@ -10,34 +10,15 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from _checkpoints import load, read_state, write_checkpoint
 from multitap_rl import EngineConfig, MultiTapModel
 from multitap_rl.backbones import BACKBONES, InternLMXC2Backbone, remote_code_backbone
 from multitap_rl.checkpoint import KNOWN_CHECKPOINTS, CheckpointError
 from multitap_rl.testing import make_image, make_shapes_records
 
 TEXTS = ["A red circle.", "Two dogs sitting on the grass near a tree."]
-
-
-def _load(dirs, **kwargs):
-    base, reward = dirs
-    return MultiTapModel.from_pretrained(reward, base_model=base, device="cpu", **kwargs)
-
-
-def _state(reward):
-    index = json.loads((reward / "model.safetensors.index.json").read_text())
-    state = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        state.update(load_file(str(reward / shard)))
-    return state
-
-
-def _write_checkpoint(state, out, like):
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    shutil.copy(like / "config.json", out / "config.json")
-    return out
 
 
 def test_selected_from_config_model_type_without_remote_code(tiny_xc2_dirs, tmp_path):
@@ -61,21 +42,21 @@ def test_selected_from_config_model_type_without_remote_code(tiny_xc2_dirs, tmp_
 
 def test_loading_is_strict(tiny_xc2_dirs, tmp_path):
     base, reward = tiny_xc2_dirs
-    state = _state(reward)
+    state = read_state(reward)
     dropped = "backbone_model.model.layers.1.attention.wqkv.Plora_B.weight"
     assert dropped in state and "backbone_model.output.weight" in state
     missing = {k: v for k, v in state.items() if k != dropped}
     with pytest.raises(CheckpointError, match="Plora_B"):
-        MultiTapModel.from_pretrained(_write_checkpoint(missing, tmp_path / "a", reward), base_model=base, device="cpu")
+        MultiTapModel.from_pretrained(write_checkpoint(missing, tmp_path / "a", reward), base_model=base, device="cpu")
     extra = {**state, "backbone_model.vit.not_a_weight": torch.zeros(1)}
     with pytest.raises(CheckpointError, match="not_a_weight"):
-        MultiTapModel.from_pretrained(_write_checkpoint(extra, tmp_path / "b", reward), base_model=base, device="cpu")
+        MultiTapModel.from_pretrained(write_checkpoint(extra, tmp_path / "b", reward), base_model=base, device="cpu")
     # the untied lm_head (output.weight) is not needed: a checkpoint without it loads the same
     no_head = {k: v for k, v in state.items() if k != "backbone_model.output.weight"}
-    ckpt = _write_checkpoint(no_head, tmp_path / "c", reward)
+    ckpt = write_checkpoint(no_head, tmp_path / "c", reward)
     images = [make_image(0)]
     a = MultiTapModel.from_pretrained(ckpt, base_model=base, device="cpu").score(images, TEXTS[:1]).overall
-    assert torch.equal(a, _load(tiny_xc2_dirs).score(images, TEXTS[:1]).overall)
+    assert torch.equal(a, load(tiny_xc2_dirs).score(images, TEXTS[:1]).overall)
 
 
 @pytest.mark.parametrize("layout", ["released", "multitap"])
@@ -92,14 +73,14 @@ def test_save_pretrained_round_trip(tiny_xc2_dirs, tiny_xc2_model, tmp_path, ima
 def test_plora_is_unused_by_the_reference_and_applied_to_image_tokens_on_request(tiny_xc2_dirs, images):
     """plora="reference": the P-LoRA weights change nothing (MULTI-TAP drops the image mask);
     plora="image": they act on the image tokens only, and the option is saved with the model."""
-    ref = _load(tiny_xc2_dirs)
+    ref = load(tiny_xc2_dirs)
     before = ref.score(images[:2], TEXTS).overall
     with torch.no_grad():
         for name, p in ref.backbone.model.named_parameters():
             if "Plora_" in name:
                 p.mul_(3.0)
     assert torch.equal(ref.score(images[:2], TEXTS).overall, before)
-    img = _load(tiny_xc2_dirs, backbone_options={"plora": "image"})
+    img = load(tiny_xc2_dirs, backbone_options={"plora": "image"})
     assert img.backbone.options() == {"plora": "image"}
     assert not torch.allclose(img.score(images[:2], TEXTS).overall, before, atol=1e-4)
 
@@ -107,7 +88,7 @@ def test_plora_is_unused_by_the_reference_and_applied_to_image_tokens_on_request
 def test_hd_transform_crop_grid(tiny_xc2_dirs):
     """image_size=None: XComposer2.5's HD transform; the crop grid follows size and aspect ratio
     (the remote code's grids for these sizes: test_internlm_xc2_reference.py)."""
-    bb = _load(tiny_xc2_dirs, image_size=None).backbone
+    bb = load(tiny_xc2_dirs, image_size=None).backbone
     grids = {size: bb.prepare_image(make_image(1, size=size)).inputs["crops"].tolist()
              for size in [(64, 48), (300, 900), (800, 600), (1200, 500), (3000, 400)]}
     assert grids[(64, 48)] == [1, 1] and grids[(300, 900)] == [2, 1] and grids[(800, 600)] == [2, 2]
@@ -115,20 +96,20 @@ def test_hd_transform_crop_grid(tiny_xc2_dirs):
     h, w = grids[(3000, 400)]
     assert h * w <= 24 and w > h
     with pytest.raises(ValueError, match="image_size"):
-        _load(tiny_xc2_dirs, image_size=448)
+        load(tiny_xc2_dirs, image_size=448)
 
 
 def test_bad_input_is_named(tiny_xc2_model, tiny_xc2_dirs, images):
     with pytest.raises(ValueError, match=r"text 1: .*<ImageHere>"):
         tiny_xc2_model.score(images[:2], ["Fine.", "Look: <ImageHere> twice."])
     with pytest.raises(ValueError, match=r"text 0: .*max_length=800"):
-        _load(tiny_xc2_dirs, max_length=800).score(images[:1], ["Yes."])
+        load(tiny_xc2_dirs, max_length=800).score(images[:1], ["Yes."])
     with pytest.raises(ValueError, match="plora"):
-        _load(tiny_xc2_dirs, backbone_options={"plora": "all"})
+        load(tiny_xc2_dirs, backbone_options={"plora": "all"})
     with pytest.raises(ValueError, match="rope"):
-        _load(tiny_xc2_dirs, rope="mrope")
+        load(tiny_xc2_dirs, rope="mrope")
     # a cap past the image cuts the text as the reference does (first max_length positions)
-    cut = _load(tiny_xc2_dirs, max_length=860).backbone
+    cut = load(tiny_xc2_dirs, max_length=860).backbone
     tok = cut.tokenize(TEXTS[1], None, cut.prepare_image(images[0]))
     assert tok.truncated and len(tok.ids) == 860
 
@@ -188,8 +169,8 @@ def test_extraction_and_rewards(tiny_xc2_model, tmp_path, images):
 
 def test_bfloat16_runs_the_reference_path(tiny_xc2_dirs, images):
     """bf16 (the reference's dtype on GPU): the same path, close to float32."""
-    f32 = _load(tiny_xc2_dirs).score(images[:2], TEXTS).overall
-    bf16 = _load(tiny_xc2_dirs, dtype="bf16")
+    f32 = load(tiny_xc2_dirs).score(images[:2], TEXTS).overall
+    bf16 = load(tiny_xc2_dirs, dtype="bf16")
     assert bf16.backbone.dtype == torch.bfloat16
     assert torch.allclose(bf16.score(images[:2], TEXTS).overall, f32, atol=0.05)
 

@@ -23,13 +23,11 @@ scores.
 
 from __future__ import annotations
 
-import json
-from functools import partial
 
 import pytest
 import torch
 
-from _stored_446 import ROOT, rebuilt_or_skip
+from _stored_446 import ROOT, stored_fixtures
 from multitap_rl import EngineConfig, MultiTapModel
 from multitap_rl.testing import build_tiny_internlm_xc2_multitap, make_image
 
@@ -37,17 +35,7 @@ DATA = ROOT / "tests" / "data" / "reference_internlm_xc2_scores.json"
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def stored():
-    return json.loads(DATA.read_text())
-
-
-@pytest.fixture(scope="module")
-def model_dir(stored, tmp_path_factory):
-    info = stored["model"]
-    build = partial(build_tiny_internlm_xc2_multitap, seed=info["seed"])
-    return rebuilt_or_skip(stored, tmp_path_factory.mktemp("tiny_xc2_ref"), build, "tiny InternLM-XComposer2.5 model",
-                           "internlm_xc2", regenerate="XC25_REMOTE_CODE=... bash tools/regenerate_reference_internlm_xc2.sh")
+stored, model_dir = stored_fixtures(DATA, lambda out, info: build_tiny_internlm_xc2_multitap(out, seed=info["seed"]), 'tiny InternLM-XComposer2.5 model', 'internlm_xc2', regenerate='XC25_REMOTE_CODE=... bash tools/regenerate_reference_internlm_xc2.sh')
 
 
 def _setting(case):

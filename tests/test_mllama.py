@@ -11,34 +11,15 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from _checkpoints import load, read_state, write_checkpoint
 from multitap_rl import EngineConfig, MultiTapModel
 from multitap_rl.backbones import BACKBONES, MllamaBackbone, backbone_for
 from multitap_rl.checkpoint import CheckpointError
 from multitap_rl.testing import MllamaReferenceScorer, make_image
 
 TEXTS = ["A red circle.", "Two dogs sitting on the grass near a tree."]
-
-
-def _load(dirs, **kwargs):
-    base, reward = dirs
-    return MultiTapModel.from_pretrained(reward, base_model=base, device="cpu", **kwargs)
-
-
-def _state(reward):
-    index = json.loads((reward / "model.safetensors.index.json").read_text())
-    state = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        state.update(load_file(str(reward / shard)))
-    return state
-
-
-def _write_checkpoint(state, out, like):
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    shutil.copy(like / "config.json", out / "config.json")
-    return out
 
 
 # -- selection and loading -------------------------------------------------------------------------
@@ -59,7 +40,7 @@ def test_backbone_comes_from_config_model_type_not_from_the_name(tiny_mllama_dir
 def test_transformers_5_key_layout_loads_to_the_same_scores(tiny_mllama_dirs, tiny_mllama_model, tmp_path, images):
     base, reward = tiny_mllama_dirs
     renamed = {}
-    for key, value in _state(reward).items():
+    for key, value in read_state(reward).items():
         if key.startswith("backbone_model.language_model.lm_head."):
             key = "backbone_model.lm_head." + key.split("lm_head.", 1)[1]
         elif key.startswith("backbone_model.language_model.model."):
@@ -68,22 +49,22 @@ def test_transformers_5_key_layout_loads_to_the_same_scores(tiny_mllama_dirs, ti
             key = "backbone_model.model." + key[len("backbone_model."):]
         renamed[key] = value
     assert any(k.startswith("backbone_model.model.language_model.layers.") for k in renamed)
-    ckpt = _write_checkpoint(renamed, tmp_path / "v5", reward)
+    ckpt = write_checkpoint(renamed, tmp_path / "v5", reward)
     got = MultiTapModel.from_pretrained(ckpt, base_model=base, device="cpu").score(images[:2], TEXTS).overall
     assert torch.equal(got, tiny_mllama_model.score(images[:2], TEXTS).overall)
 
 
 def test_loading_is_strict(tiny_mllama_dirs, tmp_path):
     base, reward = tiny_mllama_dirs
-    state = _state(reward)
+    state = read_state(reward)
     dropped = "backbone_model.language_model.model.layers.1.cross_attn_attn_gate"
     assert dropped in state  # the cross-attention gate of layer 1
     missing = {k: v for k, v in state.items() if k != dropped}
     with pytest.raises(CheckpointError, match="cross_attn_attn_gate"):
-        MultiTapModel.from_pretrained(_write_checkpoint(missing, tmp_path / "a", reward), base_model=base, device="cpu")
+        MultiTapModel.from_pretrained(write_checkpoint(missing, tmp_path / "a", reward), base_model=base, device="cpu")
     extra = {**state, "backbone_model.vision_model.not_a_weight": torch.zeros(1)}
     with pytest.raises(CheckpointError, match="not_a_weight"):
-        MultiTapModel.from_pretrained(_write_checkpoint(extra, tmp_path / "b", reward), base_model=base, device="cpu")
+        MultiTapModel.from_pretrained(write_checkpoint(extra, tmp_path / "b", reward), base_model=base, device="cpu")
 
 
 @pytest.mark.parametrize("layout", ["released", "multitap"])
@@ -133,36 +114,36 @@ def test_readout_matches_reference_at_every_padding_boundary(tiny_mllama_dirs, i
     """max_length = prompt length (no pad: last real token) and prompt length + k (pad at the end),
     and truncation: all equal the padded reference forward."""
     base, reward = tiny_mllama_dirs
-    probe = _load(tiny_mllama_dirs, max_length=None).backbone
+    probe = load(tiny_mllama_dirs, max_length=None).backbone
     image = images[1]
     short, longer, n = _exact_length_texts(probe, probe.prepare_image(image))
     for max_length in (n, n + 1, n + 7):
-        model = _load(tiny_mllama_dirs, max_length=max_length)
+        model = load(tiny_mllama_dirs, max_length=max_length)
         ref = MllamaReferenceScorer(base, reward, tmp_path / f"ref{max_length}", max_length=max_length)
         got = model.score([image, image], [short, longer]).overall
         expected = torch.tensor([ref.score(image, short), ref.score(image, longer)])
         assert torch.allclose(got, expected, atol=1e-5, rtol=0), (max_length, got, expected)
     # the same prompt read at different padded lengths gives different scores (right padding)
-    s1 = _load(tiny_mllama_dirs, max_length=n + 1).score([image], [short]).overall
-    s7 = _load(tiny_mllama_dirs, max_length=n + 7).score([image], [short]).overall
+    s1 = load(tiny_mllama_dirs, max_length=n + 1).score([image], [short]).overall
+    s7 = load(tiny_mllama_dirs, max_length=n + 7).score([image], [short]).overall
     assert abs(float(s1 - s7)) > 1e-5
 
 
 def test_pad_token_option_is_the_stage1_training_readout(tiny_mllama_dirs, images, tmp_path):
     base, reward = tiny_mllama_dirs
-    model = _load(tiny_mllama_dirs, max_length=64, backbone_options={"pad_token": "<|eot_id|>"})
+    model = load(tiny_mllama_dirs, max_length=64, backbone_options={"pad_token": "<|eot_id|>"})
     ref = MllamaReferenceScorer(base, reward, tmp_path / "ref", max_length=64, pad_token="<|eot_id|>")
     got = model.score(images[:2], TEXTS).overall
     expected = torch.tensor([ref.score(im, t) for im, t in zip(images[:2], TEXTS)])
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
-    default = _load(tiny_mllama_dirs, max_length=64).score(images[:2], TEXTS).overall
+    default = load(tiny_mllama_dirs, max_length=64).score(images[:2], TEXTS).overall
     assert not torch.allclose(got, default, atol=1e-4)
 
 
 def test_save_pretrained_records_the_pad_token_option(tiny_mllama_dirs, images, tmp_path):
     """A model loaded with pad_token= saves it in multitap_config.json; loading the saved model
     without options scores as the original, not with the tokenizer's default pad token."""
-    eot = _load(tiny_mllama_dirs, max_length=64, backbone_options={"pad_token": "<|eot_id|>"})
+    eot = load(tiny_mllama_dirs, max_length=64, backbone_options={"pad_token": "<|eot_id|>"})
     before = eot.score(images[:2], TEXTS).overall
     out = eot.save_pretrained(tmp_path / "saved")
     assert json.loads((out / "multitap_config.json").read_text())["backbone_options"] == {"pad_token": "<|eot_id|>"}
@@ -192,9 +173,9 @@ def test_multi_tile_images_without_resize(tiny_mllama_dirs, images, tmp_path):
     """image_size=None: a wide image keeps its aspect ratio (two tiles); shared == plain == reference."""
     base, reward = tiny_mllama_dirs
     wide = make_image(11, size=(1120, 560))
-    shared = _load(tiny_mllama_dirs, image_size=None)
+    shared = load(tiny_mllama_dirs, image_size=None)
     assert int(shared.backbone.prepare_image(wide).inputs["num_tiles"]) == 2
-    plain = _load(tiny_mllama_dirs, image_size=None, engine=EngineConfig(share_images=False, share_prefix=False))
+    plain = load(tiny_mllama_dirs, image_size=None, engine=EngineConfig(share_images=False, share_prefix=False))
     ref = MllamaReferenceScorer(base, reward, tmp_path / "ref", image_size=None)
     imgs, texts = [wide, wide, images[0]], TEXTS + ["Dog."]
     expected = torch.tensor([ref.score(im, t) for im, t in zip(imgs, texts)])
@@ -228,7 +209,7 @@ def test_vision_features_are_the_446_intermediate_layers(tiny_mllama_model, imag
 
 def test_gradients_reach_cross_attention(tiny_mllama_dirs, images):
     """The readout's custom masks keep autograd intact (stage-1 training runs through forward)."""
-    model = _load(tiny_mllama_dirs, engine=EngineConfig(share_images=False, share_prefix=False))
+    model = load(tiny_mllama_dirs, engine=EngineConfig(share_images=False, share_prefix=False))
     gate = model.backbone.model.language_model.layers[1].cross_attn_attn_gate
     gate.requires_grad_(True)
     with torch.enable_grad():
@@ -240,19 +221,19 @@ def test_gradients_reach_cross_attention(tiny_mllama_dirs, images):
 def test_bad_input_is_named(tiny_mllama_model, tiny_mllama_dirs, images):
     with pytest.raises(ValueError, match=r"text 1: .*<\|image\|>"):
         tiny_mllama_model.score(images[:2], ["Fine.", "Look: <|image|> twice."])
-    model = _load(tiny_mllama_dirs, max_length=16)
+    model = load(tiny_mllama_dirs, max_length=16)
     with pytest.raises(ValueError, match="text 0: .*max_length=16"):
         model.score(images[:1], ["Yes."], ["Describe in detail what the small white square is doing " * 3])
     with pytest.raises(ValueError, match="rope"):
-        _load(tiny_mllama_dirs, rope="mrope")
+        load(tiny_mllama_dirs, rope="mrope")
     with pytest.raises(ValueError, match="not a token"):
-        _load(tiny_mllama_dirs, backbone_options={"pad_token": "<|no_such_token|>"})
+        load(tiny_mllama_dirs, backbone_options={"pad_token": "<|no_such_token|>"})
     with pytest.raises(TypeError, match="pad_token"):
-        _load(tiny_mllama_dirs, backbone_options={"pad_token": 1.5})
+        load(tiny_mllama_dirs, backbone_options={"pad_token": 1.5})
     with pytest.raises(ValueError, match="max_length"):
-        _load(tiny_mllama_dirs, backbone_options={"max_length": 12})
+        load(tiny_mllama_dirs, backbone_options={"max_length": 12})
     with pytest.raises(TypeError, match="backbone_options"):
-        _load(tiny_mllama_dirs, backbone_options=["pad_token"])
+        load(tiny_mllama_dirs, backbone_options=["pad_token"])
 
 
 def test_tokenizer_without_pad_token_is_refused(tiny_mllama_model):

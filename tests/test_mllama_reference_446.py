@@ -11,13 +11,11 @@ fingerprinted ones, the comparison is skipped, naming the files; regenerate with
 
 from __future__ import annotations
 
-import json
-from functools import partial
 
 import pytest
 import torch
 
-from _stored_446 import ROOT, rebuilt_or_skip
+from _stored_446 import ROOT, stored_fixtures
 from multitap_rl import EngineConfig, MultiTapModel
 from multitap_rl.testing import build_tiny_mllama_multitap, make_image
 
@@ -25,17 +23,7 @@ DATA = ROOT / "tests" / "data" / "reference_446_mllama_scores.json"
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def stored():
-    return json.loads(DATA.read_text())
-
-
-@pytest.fixture(scope="module")
-def model_dir(stored, tmp_path_factory):
-    """The tiny model the stored numbers were computed for, rebuilt; skip if its bytes differ."""
-    info = stored["model"]
-    build = partial(build_tiny_mllama_multitap, seed=info["seed"])
-    return rebuilt_or_skip(stored, tmp_path_factory.mktemp("tiny_mllama_446"), build, "tiny Mllama model", "mllama")
+stored, model_dir = stored_fixtures(DATA, lambda out, info: build_tiny_mllama_multitap(out, seed=info["seed"]), 'tiny Mllama model', 'mllama')
 
 
 def _load(model_dir, max_length, pad_token=None, engine=None):

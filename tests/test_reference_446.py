@@ -11,14 +11,12 @@ the files; regenerate with ``bash tools/regenerate_reference_446.sh`` (tools/REA
 
 from __future__ import annotations
 
-import json
-from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
-from _stored_446 import ROOT, load_tool, rebuilt_or_skip
+from _stored_446 import ROOT, load_tool, stored_fixtures
 from multitap_rl import EngineConfig, MultiTapModel
 from multitap_rl.testing import build_tiny_multitap, make_image
 
@@ -26,17 +24,7 @@ DATA = ROOT / "tests" / "data" / "reference_446_scores.json"
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def stored():
-    return json.loads(DATA.read_text())
-
-
-@pytest.fixture(scope="module")
-def model_dir(stored, tmp_path_factory):
-    """The tiny model the stored numbers were computed for, rebuilt; skip if its bytes differ."""
-    info = stored["model"]
-    build = partial(build_tiny_multitap, seed=info["seed"], size=info["size"])
-    return rebuilt_or_skip(stored, tmp_path_factory.mktemp("tiny446"), build, "tiny model", "qwen2_vl")
+stored, model_dir = stored_fixtures(DATA, lambda out, info: build_tiny_multitap(out, seed=info["seed"], size=info["size"]), 'tiny model', 'qwen2_vl')
 
 
 def _load(model_dir, max_length=1024, engine=None):

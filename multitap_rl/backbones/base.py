@@ -44,7 +44,8 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["CAPTION_INSTRUCTION", "Backbone", "PreparedImage", "Segment", "Tokenized", "reference_messages"]
+__all__ = ["CAPTION_INSTRUCTION", "Backbone", "PreparedImage", "Segment", "Tokenized", "place_image_features",
+           "reference_messages"]
 
 CAPTION_INSTRUCTION = "Describe this image."
 
@@ -60,6 +61,30 @@ def reference_messages(text: str, question: str | None) -> list[dict]:
         ]
     return [{"role": "assistant", "content": [{"type": "text", "text": question}, {"type": "image"},
                                               {"type": "text", "text": text}]}]
+
+
+def place_image_features(embeds: torch.Tensor, ids: torch.Tensor, segment: Segment, image_token_id: int, *,
+                         exact: bool = True) -> torch.Tensor:
+    """``embeds`` (B, S, H) with each row's image-token positions (real positions only) replaced by
+    that row's image features from ``segment.image_features`` (in order). ``exact``: the row must
+    hold exactly as many image tokens as its image has features; else a row cut inside the image
+    (truncation) keeps the first ones."""
+    b, s = ids.shape
+    real = torch.arange(s, device=ids.device)[None, :] < segment.lengths.to(ids.device)[:, None]
+    is_img = (ids == image_token_id) & real
+    if not bool(is_img.any()):
+        return embeds
+    rows = []
+    for r in range(b):
+        n = int(is_img[r].sum())
+        if n == 0:
+            continue
+        feat = segment.image_features[r]
+        got = None if feat is None else feat.shape[0]
+        if got is None or (got != n if exact else got < n):
+            raise ValueError(f"row {r}: {n} image tokens but image features for {got}")
+        rows.append(feat[:n])
+    return embeds.masked_scatter(is_img[..., None], torch.cat(rows).to(embeds.dtype))
 
 
 @dataclass

@@ -84,7 +84,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Backbone, PreparedImage, Segment, Tokenized
+from .base import Backbone, PreparedImage, Segment, Tokenized, place_image_features
 
 __all__ = ["IMAGE_TOKEN", "InternLMXC2Backbone", "InternLMXC2Config", "InternLMXC2Model", "InternLM2Tokenizer",
            "hd_transform"]
@@ -662,23 +662,12 @@ class InternLMXC2Backbone(Backbone):
         ids = segment.ids.to(dev)
         lengths = segment.lengths.to(dev)
         b, s = ids.shape
-        real = torch.arange(s, device=dev)[None, :] < lengths[:, None]
-        is_img = (ids == IMAGE_ID) & real
         embeds = m.model.tok_embeddings(ids.clamp(min=0))
-        if bool(is_img.any()):
-            rows = []
-            for r in range(b):
-                n = int(is_img[r].sum())
-                if n == 0:
-                    continue
-                feat = segment.image_features[r]
-                if feat is None or feat.shape[0] < n:
-                    raise ValueError(f"row {r}: {n} image positions but image features for "
-                                     f"{None if feat is None else feat.shape[0]}")
-                rows.append(feat[:n])  # a sequence cut inside the image keeps its first n embeddings
-            embeds = embeds.masked_scatter(is_img[..., None], torch.cat(rows).to(embeds.dtype))
+        # a sequence cut inside the image keeps its first embeddings
+        embeds = place_image_features(embeds, ids, segment, IMAGE_ID, exact=False)
         pos = (torch.arange(s, device=dev) + segment.start).expand(b, s)
-        im_mask = is_img if self.plora == "image" else None
+        real = torch.arange(s, device=dev)[None, :] < lengths[:, None]
+        im_mask = (ids == IMAGE_ID) & real if self.plora == "image" else None
         hidden, kv = m.run(embeds, pos, cache, im_mask)
         last = hidden[torch.arange(b, device=dev), lengths - 1]
         return last, (kv if use_cache else None)

@@ -22,7 +22,7 @@ from PIL import Image
 from transformers import Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from .base import Backbone, PreparedImage, Segment, Tokenized, reference_messages
+from .base import Backbone, PreparedImage, Segment, Tokenized, place_image_features, reference_messages
 
 __all__ = ["ImageOnlyQwen2VLProcessor", "Qwen2VLBackbone", "image_only_processor"]
 
@@ -188,21 +188,7 @@ class Qwen2VLBackbone(Backbone):
         b, s = ids.shape
         embeds = lm.embed_tokens(ids)
         # 1. Put each row's image features on its image tokens (real positions only).
-        real = torch.arange(s, device=dev)[None, :] < segment.lengths.to(dev)[:, None]
-        is_img = (ids == self.image_token_id) & real
-        if bool(is_img.any()):
-            rows = []
-            for r in range(b):
-                n = int(is_img[r].sum())
-                if n == 0:
-                    continue
-                feat = segment.image_features[r]
-                if feat is None or feat.shape[0] != n:
-                    got = None if feat is None else feat.shape[0]
-                    raise ValueError(f"row {r}: {n} image tokens but image features for {got}")
-                rows.append(feat)
-            feats = torch.cat(rows).to(embeds.dtype)
-            embeds = embeds.masked_scatter(is_img[..., None], feats)
+        embeds = place_image_features(embeds, ids, segment, self.image_token_id)
         # 2. Positions: arange from the segment start (reference) or explicit M-RoPE ids.
         if segment.positions is not None:
             pos = segment.positions.to(dev)

@@ -10,8 +10,9 @@ Names are imported lazily (``torch``, ``accelerate`` and ``peft`` load on first 
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 __all__ = [
     "FeatureSet",
@@ -54,12 +55,4 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     from .stage1 import Stage1Result, Stage1Trainer, train_stage1
     from .stage2 import evaluate_heads, fit_heads
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

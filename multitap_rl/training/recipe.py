@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..yamlio import load_yaml_file
 
 __all__ = ["config_to_dict", "load_recipe", "parse_overrides", "save_recipe"]
 
@@ -148,8 +149,6 @@ def load_recipe(cls, source: str | os.PathLike | dict | None = None, overrides: 
 
     Raises ``ConfigError`` naming the file and key for unknown keys, wrong types and values the
     dataclass's own validation rejects."""
-    import yaml
-
     label = "recipe"
     if source is None:
         data = {}
@@ -160,10 +159,7 @@ def load_recipe(cls, source: str | os.PathLike | dict | None = None, overrides: 
         label = str(path)
         if not path.is_file():
             raise ConfigError(f"recipe {label}: no such file")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"recipe {label}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        data = load_yaml_file(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {label}: expected a mapping at the top level, got {type(data).__name__}")
     data = _merge(data, parse_overrides(list(overrides)))
