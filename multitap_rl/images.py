@@ -5,7 +5,8 @@ Accepted per sample:
 * a file path (``str`` or ``os.PathLike``),
 * encoded bytes (``bytes``/``bytearray``/``memoryview``) or a ``{"bytes": ..., "path": ...}`` dict
   as Hugging Face ``datasets`` stores undecoded images,
-* an ``(H, W, 3)`` or ``(H, W)`` ``uint8`` array or tensor (``(3, H, W)`` uint8 too),
+* an ``(H, W, 3)`` or ``(H, W)`` ``uint8`` array or tensor (``(3, H, W)`` uint8 too; other integer
+  dtypes when every value lies in [0, 255]),
 * a ``(3, H, W)`` (or ``(H, W, 3)``) float tensor or array with values in ``[0, 1]`` (rounded to uint8).
 
 Every problem is a :class:`~multitap_rl.errors.SampleError` naming the sample (``image 3: ...``):
@@ -93,7 +94,12 @@ def _from_array(arr: np.ndarray, index: int | None) -> Image.Image:
                 raise SampleError(index, "image", f"float pixels must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
         arr = np.round(arr * 255.0).astype(np.uint8)
     elif arr.dtype != np.uint8:
-        raise SampleError(index, "image", f"integer arrays must be uint8 (H, W, 3), got {arr.dtype}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise SampleError(index, "image", f"arrays must be uint8 (H, W, 3) or float in [0, 1], got {arr.dtype}")
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 255):
+            raise SampleError(index, "image", f"integer pixels must lie in [0, 255] (uint8), got {arr.dtype} values "
+                                              f"in [{int(arr.min())}, {int(arr.max())}]")
+        arr = arr.astype(np.uint8)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):

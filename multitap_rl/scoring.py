@@ -163,9 +163,11 @@ class FeatureEngine:
         questions = validate_batch(images, texts, questions, errors)
         n = len(texts)
         rows: list[torch.Tensor | None] = [None] * n
-        for prepared, requests, owners in self._stream(images, texts, questions, errors):
+        for chunk in self._stream(images, texts, questions, errors):
+            prepared, requests, owners = chunk
             for i, h in zip(owners, self.run(prepared, requests)):
                 rows[i] = h
+            del chunk, prepared, requests  # free this chunk's pixels before the next is prepared
         valid = [r for r in rows if r is not None]
         if not valid:
             return torch.full((n, self.backbone.hidden_size), float("nan")) if n else \
