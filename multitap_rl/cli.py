@@ -12,6 +12,7 @@ progress bars go to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -45,11 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    from .commands._common import set_result_stream
     from .errors import MultiTapError
 
+    # Results go to stdout alone; anything else that prints while a command runs (third-party
+    # libraries' notices, e.g. DeepSpeed's accelerator line) goes to stderr.
+    set_result_stream(sys.stdout)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(module.run(args) or 0)
+        with contextlib.redirect_stdout(sys.stderr):
+            return int(module.run(args) or 0)
     except (MultiTapError, OSError) as exc:
         if args.verbose:
             raise

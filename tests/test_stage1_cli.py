@@ -60,3 +60,21 @@ def test_trains_end_to_end_and_prints_the_result(tiny_dirs, tmp_path, capsys):
     model = MultiTapModel.from_pretrained(res["models"]["released"], device="cpu", image_size=56)
     score = model.score([make_image(0)], ["a red circle"]).overall
     assert score.shape == (1,) and 0 < float(score) < 1
+
+
+def test_stdout_is_the_json_result_alone(tmp_path, capsys, monkeypatch):
+    """Whatever a library prints while training (DeepSpeed's accelerator notice, say) goes to stderr;
+    stdout holds the machine-readable result alone."""
+    from multitap_rl.training import stage1
+    from multitap_rl.training.stage1 import Stage1Result
+
+    def fake_train(cfg, overwrite=False):
+        print("[WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.")
+        return Stage1Result(output_dir=tmp_path, model_dirs={"multitap": tmp_path / "model"}, global_step=3,
+                            resumed_from=None, metrics={"mse": 0.1}, history=[])
+
+    monkeypatch.setattr(stage1, "train_stage1", fake_train)
+    assert main(["train-stage1", str(RECIPE), f"train.output_dir={tmp_path}"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["global_step"] == 3
+    assert "Setting accelerator to CPU" in err

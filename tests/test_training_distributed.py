@@ -28,12 +28,16 @@ def _run(cmd, out: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout[proc.stdout.index("{\n"):])  # deepspeed may print a warning line first
+    if cmd[1:3] == ["-m", "multitap_rl.cli"]:
+        return json.loads(proc.stdout)  # our stdout holds the result alone (third-party notices go to stderr)
+    # under `accelerate launch`, the launcher process itself may print DeepSpeed's accelerator notice first
+    return json.loads(proc.stdout[proc.stdout.index("{\n"):])
 
 
 def _args(base, out, batch):
     return ["train-stage1", str(RECIPE), f"model.base_model={base}", "model.image_size=56", f"train.output_dir={out}",
             "train.max_steps=6", "train.save_every=3", "train.save_total_limit=null", "train.progress=false",
+            "train.log_every=1",
             f"train.batch_size={batch}", "data.dataset_kwargs.n_train=32", "data.dataset_kwargs.n_eval=10"]
 
 
@@ -42,6 +46,19 @@ def _launch(base, out, batch=2):
            str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
            "-m", "multitap_rl.cli", *_args(base, out, batch)]
     return _run(cmd, out)
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def _probe_scores(model_dir: Path) -> torch.Tensor:
+    from multitap_rl import MultiTapModel
+    from multitap_rl.testing import make_shapes_records
+
+    rows = make_shapes_records(8, seed=123, image_size=56)
+    model = MultiTapModel.from_pretrained(model_dir, device="cpu")
+    return model.score([r["image"] for r in rows], [r["text"] for r in rows]).overall
 
 
 def _weights(ckpt: Path):
@@ -60,15 +77,25 @@ def test_two_cpu_processes_complete_resume_and_match_one_process(tiny_dirs, tmp_
     assert all((two / "checkpoint-6" / f"rng-{rank}.safetensors").is_file() for rank in (0, 1))
     assert (two / "model").is_dir() and (two / "model-released").is_dir()
 
-    # 2 processes x batch 2 == 1 process x batch 4: same data, gradients averaged across processes
+    # 2 processes x batch 2 == 1 process x batch 4: same data, gradients averaged across processes.
+    # What users care about is compared: the training losses and the trained model's scores. Not
+    # every weight: gloo sums the two halves of each gradient in another order than one process
+    # does (relative difference ~1e-7), and Adam divides every gradient by its own running RMS, so
+    # a weight whose true gradient is ~0 (k_proj.bias: softmax ignores a shift shared by all keys)
+    # takes steps of ~lr in the direction of rounding noise -- up to lr x steps = 6e-3 apart,
+    # without changing any score. Weights with a real gradient move by lr x steps x 1e-7 at most.
     one = tmp_path / "one"
     single = _run([sys.executable, "-m", "multitap_rl.cli", *_args(base, one, 4)], one)
     a, b = _weights(two / "checkpoint-6"), _weights(one / "checkpoint-6")
     start = _weights(two / "checkpoint-3")
     assert max((a[k] - start[k]).abs().max() for k in a) > 1e-3  # it trained
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=0), k
-    assert single["metrics"]["mse"] == pytest.approx(res["metrics"]["mse"], abs=1e-4)
+    losses = [_losses(d) for d in (two, one)]
+    assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert single["metrics"]["mse"] == pytest.approx(res["metrics"]["mse"], abs=1e-5)
+    # scores: float32 forward of the same inputs through weights equal up to the noise above;
+    # 1e-5 leaves two orders of magnitude over the measured difference (~1e-7)
+    s2, s1 = _probe_scores(two / "model"), _probe_scores(one / "model")
+    assert torch.allclose(s2, s1, atol=1e-5, rtol=0), (s2 - s1).abs().max()
 
     # interrupted after step 3: the 2-process run resumes there and ends where it ended before
     again = tmp_path / "again"

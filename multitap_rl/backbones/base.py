@@ -35,7 +35,9 @@ Attributes: ``family``, ``model_types`` (the ``config.model_type`` values it ser
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, ClassVar
 
 import torch
@@ -44,8 +46,8 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["CAPTION_INSTRUCTION", "Backbone", "PreparedImage", "Segment", "Tokenized", "place_image_features",
-           "reference_messages"]
+__all__ = ["CAPTION_INSTRUCTION", "Backbone", "PreparedImage", "Segment", "Tokenized", "cache_argument",
+           "output_cache", "place_image_features", "reference_messages"]
 
 CAPTION_INSTRUCTION = "Describe this image."
 
@@ -61,6 +63,24 @@ def reference_messages(text: str, question: str | None) -> list[dict]:
         ]
     return [{"role": "assistant", "content": [{"type": "text", "text": question}, {"type": "image"},
                                               {"type": "text", "text": text}]}]
+
+
+@lru_cache(maxsize=None)
+def _cache_keyword(forward) -> str:
+    params = inspect.signature(forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_argument(module: nn.Module, cache) -> dict:
+    """The key/value cache as the keyword ``module.forward`` takes it: ``cache`` (transformers >=
+    5.2x, where ``past_key_values`` is deprecated) or ``past_key_values`` (older 5.x)."""
+    return {_cache_keyword(type(module).forward): cache}
+
+
+def output_cache(out):
+    """The key/value cache of a transformers model output, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def place_image_features(embeds: torch.Tensor, ids: torch.Tensor, segment: Segment, image_token_id: int, *,

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .base import Backbone, PreparedImage, Segment, Tokenized, reference_messages
+from .base import Backbone, PreparedImage, Segment, Tokenized, cache_argument, output_cache, reference_messages
 
 __all__ = ["MllamaBackbone", "MllamaImageFeatures"]
 
@@ -326,12 +326,12 @@ class MllamaBackbone(Backbone):
             states = torch.stack([f.states for f in segment.image_features]).to(dev, dtype)
         out = lm(
             input_ids=ids, attention_mask=mask, position_ids=pos, cross_attention_states=states,
-            cross_attention_mask=cross_bias, full_text_row_masked_out_mask=row_mask,
-            past_key_values=cache, use_cache=use_cache,
+            cross_attention_mask=cross_bias, full_text_row_masked_out_mask=row_mask, use_cache=use_cache,
+            **cache_argument(lm, cache),
         )
         hidden = out.last_hidden_state  # (B, S, H), post-norm
         at = torch.where(read, lengths, lengths - 1)
-        return hidden[ar, at], (out.past_key_values if use_cache else None)
+        return hidden[ar, at], (output_cache(out) if use_cache else None)
 
 
 @torch.no_grad()

@@ -22,7 +22,16 @@ from PIL import Image
 from transformers import Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from .base import Backbone, PreparedImage, Segment, Tokenized, place_image_features, reference_messages
+from .base import (
+    Backbone,
+    PreparedImage,
+    Segment,
+    Tokenized,
+    cache_argument,
+    output_cache,
+    place_image_features,
+    reference_messages,
+)
 
 __all__ = ["ImageOnlyQwen2VLProcessor", "Qwen2VLBackbone", "image_only_processor"]
 
@@ -194,10 +203,10 @@ class Qwen2VLBackbone(Backbone):
             pos = segment.positions.to(dev)
         else:
             pos = (torch.arange(s, device=dev) + segment.start).view(1, 1, s).expand(3, b, s)
-        out = lm(inputs_embeds=embeds, position_ids=pos, past_key_values=cache, use_cache=use_cache)
+        out = lm(inputs_embeds=embeds, position_ids=pos, use_cache=use_cache, **cache_argument(lm, cache))
         hidden = out.last_hidden_state  # (B, S, H), post-norm
         last = hidden[torch.arange(b, device=dev), segment.lengths.to(dev) - 1]
-        return last, (out.past_key_values if use_cache else None)
+        return last, (output_cache(out) if use_cache else None)
 
 
 def _use_linear_patch_embed(patch_embed) -> None:

@@ -5,11 +5,31 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from ..errors import ConfigError
 
-__all__ = ["add_model_arguments", "check_output_dir", "load_model", "optional_int"]
+__all__ = ["add_model_arguments", "check_output_dir", "emit", "load_model", "optional_int", "result_stream",
+           "set_result_stream"]
+
+_RESULTS: list = [None]  # where results go (None: sys.stdout); the CLI sets the real stdout, the rest goes to stderr
+
+
+def set_result_stream(stream) -> None:
+    """Results (tables, JSON, JSONL) go to ``stream``; set by ``multitap_rl.cli.main``."""
+    _RESULTS[0] = stream
+
+
+def result_stream():
+    return _RESULTS[0] or sys.stdout
+
+
+def emit(*args, **kwargs) -> None:
+    """``print`` to the result stream (stdout): machine-readable output and tables, nothing else."""
+    stream = result_stream()
+    print(*args, file=stream, **kwargs)
+    stream.flush()
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, heads: bool = True) -> None:

@@ -20,6 +20,8 @@ import random
 import tempfile
 import time
 
+from ._common import emit
+
 ATTRIBUTES = ("color", "shape", "position")
 
 
@@ -88,7 +90,7 @@ def _offline_model(tmp: str, steps: int):
 
     if steps <= 0:
         base, ckpt = build_tiny_multitap(tmp, seed=0)
-        print(f"[1/4] offline: tiny random models written to {tmp} (untrained: their scores mean nothing)")
+        emit(f"[1/4] offline: tiny random models written to {tmp} (untrained: their scores mean nothing)")
         return base, ckpt, 560
     from ..training import train_stage1
 
@@ -99,7 +101,7 @@ def _offline_model(tmp: str, steps: int):
     t = time.perf_counter()
     res = train_stage1(cfg)
     m = res.metrics
-    print(f"[1/4] offline: tiny Qwen2-VL base written to {tmp}; stage 1 on the shapes task (is the caption's "
+    emit(f"[1/4] offline: tiny Qwen2-VL base written to {tmp}; stage 1 on the shapes task (is the caption's "
           f"colour right?): {steps} steps in {time.perf_counter() - t:.0f}s, validation MSE {m['mse']:.4f} vs "
           f"{m['baseline_mse']:.4f} for the constant predictor")
     return base, res.model_dirs["multitap"], _STAGE1["model"]["image_size"]
@@ -134,7 +136,7 @@ def run(args) -> int:
             base, ckpt, image_size = _offline_model(tmp, args.train_steps)
         else:
             base, ckpt, image_size = args.base_model, args.checkpoint, 560
-            print(f"[1/4] loading {ckpt}")
+            emit(f"[1/4] loading {ckpt}")
         model = MultiTapModel.from_pretrained(ckpt, base_model=base, heads=args.heads, device=args.device,
                                               dtype=args.dtype, image_size=image_size)
 
@@ -142,10 +144,10 @@ def run(args) -> int:
         if model.heads is None and args.checkpoint is None:
             t = time.perf_counter()
             model.load_heads(_fit_shape_heads(model))
-            print(f"[2/4] fitted stage-2 heads {list(model.heads.names)} on 96 shapes-task captions "
+            emit(f"[2/4] fitted stage-2 heads {list(model.heads.names)} on 96 shapes-task captions "
                   f"in {time.perf_counter() - t:.1f}s")
         else:
-            print(f"[2/4] dimensions: {list(model.dimension_names)}")
+            emit(f"[2/4] dimensions: {list(model.dimension_names)}")
         weights = args.weights or ",".join(f"{d}=1" for d in model.dimension_names)
 
         # 3. Score and rerank.
@@ -164,12 +166,12 @@ def run(args) -> int:
         from reward_fns import rerank
 
         ranked = rerank(images, candidates, weights, model_or_path=model)
-        print(f"[3/4] candidates ranked by reward with weights {weights}:")
+        emit(f"[3/4] candidates ranked by reward with weights {weights}:")
         for i, lst in enumerate(ranked):
-            print(f"  image {i}:")
+            emit(f"  image {i}:")
             for rank, c in enumerate(lst, start=1):
                 dims = " ".join(f"{k}={v:.3f}" for k, v in c.dims.items())
-                print(f"    {rank}. {c.reward:+.3f}  {c.text!r:42} {dims}")
+                emit(f"    {rank}. {c.reward:+.3f}  {c.text!r:42} {dims}")
 
         # 4. GRPO steps.
         if args.grpo_steps > 0:
@@ -189,8 +191,8 @@ def run(args) -> int:
             trainer.remove_callback(PrinterCallback)
             trainer.train()
             logged = [h for h in trainer.state.log_history if "reward" in h]
-            print(f"[4/4] GRPO: {len(logged)} steps against the weighted reward; mean reward per step: "
+            emit(f"[4/4] GRPO: {len(logged)} steps against the weighted reward; mean reward per step: "
                   + ", ".join(f"{h['reward']:.3f}" for h in logged))
         else:
-            print("[4/4] GRPO skipped (--grpo-steps 0)")
+            emit("[4/4] GRPO skipped (--grpo-steps 0)")
     return 0

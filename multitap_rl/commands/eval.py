@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ._common import emit
+
 
 def add_arguments(p) -> None:
     p.add_argument("--features", required=True, help="feature store directory from `multitap-rl extract`")
@@ -30,7 +32,7 @@ def run(args) -> int:
     heads = RidgeHeads.load(args.heads, trust_legacy=args.trust_legacy_pickle) if args.heads else None
     dims = None if args.dims is None else [d.strip() for d in args.dims.split(",") if d.strip()]
     report = evaluate_heads(heads, args.features, args.targets, dims=dims, tol=args.tolerance, pairs=args.pairs)
-    print(format_report(report))
+    emit(format_report(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

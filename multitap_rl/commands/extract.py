@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConfigError
-from ._common import add_model_arguments, load_model
+from ._common import add_model_arguments, emit, load_model
 
 
 def add_arguments(p) -> None:
@@ -62,6 +62,6 @@ def run(args) -> int:
                            progress=not args.no_progress)
     fs = load_features(out)
     dims = ", ".join(fs.names) if fs.names else "none"
-    print(f"{len(fs)} samples from {len(src)} rows -> {Path(out)} "
+    emit(f"{len(fs)} samples from {len(src)} rows -> {Path(out)} "
           f"(hidden size {fs.features.shape[1]}; targets: {dims})")
     return 0

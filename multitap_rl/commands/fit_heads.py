@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
-from ._common import check_output_dir
+from ._common import check_output_dir, emit
 
 
 def add_arguments(p) -> None:
@@ -51,7 +51,7 @@ def run(args) -> int:
             fp = dict(load_features(args.features).fingerprint)
         heads = convert_legacy_heads(args.from_legacy, args.out, names=_csv(args.names),
                                      trust_legacy=args.trust_legacy_pickle, fingerprint=fp)
-        print(f"converted {args.from_legacy} -> {args.out} ({', '.join(heads.names)}; hidden size {heads.hidden_size})")
+        emit(f"converted {args.from_legacy} -> {args.out} ({', '.join(heads.names)}; hidden size {heads.hidden_size})")
         return 0
     if args.features is None:
         raise ConfigError("--features is required (or --from-legacy to convert a pickle)")
@@ -71,13 +71,13 @@ def run(args) -> int:
     heads.save(args.out)
 
     # 4. Summary: chosen alpha and leave-one-out error per dimension, held-out metrics if any.
-    print(f"{'dimension':<24}{'alpha':>12}{'LOO MSE':>12}{'n':>8}")
+    emit(f"{'dimension':<24}{'alpha':>12}{'LOO MSE':>12}{'n':>8}")
     for name in heads.names:
         loo = min(heads.meta["loo_mse"][name])
-        print(f"{name:<24}{heads.meta['alphas'][name]:>12.4g}{loo:>12.4g}{heads.meta['n_train'][name]:>8d}")
+        emit(f"{name:<24}{heads.meta['alphas'][name]:>12.4g}{loo:>12.4g}{heads.meta['n_train'][name]:>8d}")
     if report is not None:
-        print(f"\nheld-out rows ({args.val_fraction:g} of the data):")
-        print(format_report(report))
+        emit(f"\nheld-out rows ({args.val_fraction:g} of the data):")
+        emit(format_report(report))
         (Path(args.out) / "val_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nheads -> {args.out}")
+    emit(f"\nheads -> {args.out}")
     return 0

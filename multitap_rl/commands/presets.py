@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from ._common import emit
+
 
 def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
@@ -23,13 +25,13 @@ def run(args) -> int:
                       | {d.source(v.tag) for v in s.samples for d in s.dimensions})
         schemas[name] = {"task": s.task, "dimensions": list(s.names), "columns": cols}
     if args.json:
-        print(json.dumps({"weights": weights, "schemas": schemas}, indent=1))
+        emit(json.dumps({"weights": weights, "schemas": schemas}, indent=1))
         return 0
-    print("weights presets (--weights NAME):")
+    emit("weights presets (--weights NAME):")
     for name, w in weights.items():
-        print(f"  {name:<20} " + ", ".join(f"{k}={v:g}" for k, v in w.items()))
-    print("\nobjective schemas (--schema NAME): task, dimensions; columns each data row needs")
+        emit(f"  {name:<20} " + ", ".join(f"{k}={v:g}" for k, v in w.items()))
+    emit("\nobjective schemas (--schema NAME): task, dimensions; columns each data row needs")
     for name, s in schemas.items():
         dims = ", ".join(s["dimensions"]) or "(none: features only)"
-        print(f"  {name:<20} {s['task']:<12} {dims}\n  {'':<20} columns: {', '.join(s['columns'])}")
+        emit(f"  {name:<20} {s['task']:<12} {dims}\n  {'':<20} columns: {', '.join(s['columns'])}")
     return 0

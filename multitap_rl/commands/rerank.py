@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from ._common import add_model_arguments
+from ._common import add_model_arguments, emit
 
 
 def add_arguments(p) -> None:
@@ -46,9 +46,9 @@ def run(args) -> int:
                     normalize=args.normalize, gates=args.gate)[0]
     for rank, cand in enumerate(ranked[: args.top_k], start=1):
         if args.json:
-            print(json.dumps({"rank": rank, "index": cand.index, "text": cand.text, "reward": cand.reward,
+            emit(json.dumps({"rank": rank, "index": cand.index, "text": cand.text, "reward": cand.reward,
                               **cand.dims}))
         else:
             dims = "  ".join(f"{k}={v:.4f}" for k, v in cand.dims.items())
-            print(f"{rank:>3}. {cand.reward:+.4f}  {cand.text}   [{dims}]")
+            emit(f"{rank:>3}. {cand.reward:+.4f}  {cand.text}   [{dims}]")
     return 0

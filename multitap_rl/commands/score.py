@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError, DataError, SampleError
-from ._common import add_model_arguments, load_model
+from ._common import add_model_arguments, load_model, result_stream
 
 
 def add_arguments(p) -> None:
@@ -85,7 +85,7 @@ def _problem(row: dict, root: Path | None, score_key: str):
 def _open_output(args):
     """(file handle, temporary path or None): the output is checked before any scoring."""
     if not args.output:
-        return sys.stdout, None
+        return result_stream(), None
     out = Path(args.output)
     if out.is_dir():
         raise ConfigError(f"--output {out} is a directory; give a file path")
@@ -152,7 +152,9 @@ def run(args) -> int:
         if tmp:
             out_fh.close()
             os.unlink(tmp)
-    # 3. Say where the output went.
+    # 3. Say where the output went (a file, or many rows; one pair on stdout needs no receipt).
+    if args.output is None and args.input is None:
+        return 0
     where = args.output or "stdout"
     print(f"scored {len(rows) - len(errors)} of {len(rows)} row(s) -> {where}"
           + (f"; {len(errors)} row(s) skipped with their error" if errors else ""), file=sys.stderr)

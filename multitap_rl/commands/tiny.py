@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._common import emit
+
 
 def add_arguments(p) -> None:
     p.add_argument("dir", help="output directory (DIR/base and DIR/reward are written)")
@@ -17,5 +19,5 @@ def run(args) -> int:
 
     base, reward = build_tiny_multitap(args.dir, seed=args.seed, size=args.size,
                                        initializer_range=args.initializer_range)
-    print(f"base model: {base}\ncheckpoint: {reward}")
+    emit(f"base model: {base}\ncheckpoint: {reward}")
     return 0

@@ -16,6 +16,8 @@ import json
 import logging
 import os
 
+from ._common import emit
+
 
 def add_arguments(p) -> None:
     p.add_argument("recipe", help="YAML recipe (see recipes/stage1/)")
@@ -37,17 +39,17 @@ def run(args) -> int:
     if args.print_config:
         import yaml
 
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None), end="")
+        emit(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None), end="")
         return 0
     main = int(os.environ.get("RANK", "0")) == 0
     logging.getLogger("multitap_rl.training").setLevel(logging.INFO if main else logging.WARNING)
     if args.dry_run:
         train, evals = build_datasets(cfg)
-        print(f"recipe OK: {len(train)} training rows, {len(evals) if evals is not None else 0} evaluation rows")
+        emit(f"recipe OK: {len(train)} training rows, {len(evals) if evals is not None else 0} evaluation rows")
         return 0
     result = train_stage1(cfg, overwrite=args.overwrite)
     if main:
-        print(json.dumps({"global_step": result.global_step, "resumed_from": result.resumed_from,
+        emit(json.dumps({"global_step": result.global_step, "resumed_from": result.resumed_from,
                           "metrics": result.metrics, "models": {k: str(v) for k, v in result.model_dirs.items()}},
                          indent=1))
     return 0
