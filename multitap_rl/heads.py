@@ -176,7 +176,7 @@ class RidgeHeads:
         if mine != checkpoint:
             msg = (f"{where}: fit on features of checkpoint {mine} ({self.fingerprint.get('checkpoint_name', '?')}), "
                    f"but the loaded checkpoint is {checkpoint}; refit them with `multitap-rl fit-heads` on this "
-                   "checkpoint's features (or pass strict=False to use them anyway)")
+                   "checkpoint's features")
             if strict:
                 raise HeadsError(msg)
             logger.warning(msg)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +191,30 @@ def test_presets_lists_weights_and_schemas_with_their_dimensions(capsys):
     assert "response_1" in got["schemas"]["align-anything-ti2t"]["columns"]
     assert main(["presets"]) == 0
     assert "ti2t_balanced" in capsys.readouterr().out
+
+
+def test_a_hub_model_in_a_recipe_or_dataset_offline_is_one_line(tmp_path, capsys):
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "stage1" / "tiny_shapes.yaml")
+    assert main(["train-stage1", recipe, "model.base_model=some-org/some-model", f"train.output_dir={tmp_path}",
+                 "data.dataset_kwargs.n_train=8", "data.dataset_kwargs.n_eval=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not available offline" in err[0] and "pass a local directory" in err[0], err
+    assert main(["train-stage1", recipe, "data.dataset=some-org/some-data", f"train.output_dir={tmp_path}",
+                 "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not available offline" in err[0], err
+
+
+def test_commands_print_no_warning_on_a_clean_install(tiny_dirs, images, tmp_path):
+    """score and rerank in a fresh interpreter with Python's warnings shown: stderr holds no warning."""
+    base, reward = tiny_dirs
+    images[0].save(tmp_path / "a.png")
+    (tmp_path / "cands.txt").write_text("a red circle\na blue square\n")
+    env = {**__import__("os").environ, "PYTHONWARNINGS": "default", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for args in (["score", "--image", str(tmp_path / "a.png"), "--text", "a red circle"],
+                 ["rerank", "--image", str(tmp_path / "a.png"), "--candidates", str(tmp_path / "cands.txt")]):
+        proc = subprocess.run([sys.executable, "-m", "multitap_rl.cli", *args, "--checkpoint", str(reward),
+                               "--base-model", str(base), "--device", "cpu"], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert "warn" not in proc.stderr.lower(), proc.stderr

@@ -142,3 +142,23 @@ def test_settings_a_backbone_cannot_use_are_refused(family, kwargs, match, tiny_
     base, reward = tiny_dirs if family == "qwen2_vl" else tiny_mllama_dirs
     with pytest.raises(ValueError, match=match):
         MultiTapModel.from_pretrained(reward, base_model=base, device="cpu", **kwargs)
+
+
+def test_our_checkpoints_load_with_their_own_image_size_and_max_length(tiny_dirs, tmp_path, images, caplog):
+    """A checkpoint saved with image_size=56, max_length=96 scores with them by default; an explicit
+    value wins, with a warning that scores change."""
+    import logging
+
+    base, reward = tiny_dirs
+    trained = MultiTapModel.from_pretrained(reward, base_model=base, device="cpu", image_size=56, max_length=96)
+    out = trained.save_pretrained(tmp_path / "ckpt")
+    again = MultiTapModel.from_pretrained(out, device="cpu")
+    assert (again.backbone.image_size, again.backbone.max_length) == (56, 96)
+    want = trained.score(images[:2], ["a red circle", "a tree"]).overall
+    assert torch.allclose(again.score(images[:2], ["a red circle", "a tree"]).overall, want, atol=1e-6)
+    with caplog.at_level(logging.WARNING, logger="multitap_rl.model"):
+        other = MultiTapModel.from_pretrained(out, device="cpu", image_size=112)
+    assert other.backbone.image_size == 112
+    assert any("image_size=56 but is loaded with image_size=112" in m for m in caplog.messages)
+    released = MultiTapModel.from_pretrained(reward, base_model=base, device="cpu")  # no record: the reference's
+    assert (released.backbone.image_size, released.backbone.max_length) == (560, 1024)

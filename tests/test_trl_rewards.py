@@ -231,3 +231,19 @@ def test_default_dtype_is_bf16_on_gpu_fp32_on_cpu():
     assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int8", torch.device("cpu"))
+
+
+@pytest.mark.integration
+def test_example_tiny_run_leaves_nothing_behind_and_its_help_keeps_line_breaks(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import grpo_captioner
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the example's temporary folder goes
+    grpo_captioner.main(["--tiny", "--max-steps", "1", "--num-generations", "2", "--batch-size", "2",
+                         "--max-completion-length", "4"])
+    assert not list(tmp_path.glob("grpo-captioner-*"))  # the example's temporary folder is gone
+    with pytest.raises(SystemExit):
+        grpo_captioner.parse_args(["--help"])
+    assert "examples/grpo_captioner.py \\\n        --policy" in capsys.readouterr().out
