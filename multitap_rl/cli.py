@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit-heads": ("multitap_rl.commands.fit_heads", "fit ridge heads for named dimensions on extracted features"),
     "eval": ("multitap_rl.commands.eval", "per-dimension metrics of heads and overall against targets"),
     "presets": ("multitap_rl.commands.presets", "list the weights presets and objective schemas with their dimensions"),
+    "make-shapes": ("multitap_rl.commands.make_shapes", "write the built-in shapes task as images + JSONL (offline data)"),
 }
 
 

@@ -15,6 +15,7 @@ from .shapes import (
     make_shapes_pairs,
     make_shapes_records,
     shape_caption,
+    write_shapes_jsonl,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "read_json_rows",
     "resolve_image",
     "shape_caption",
+    "write_shapes_jsonl",
 ]

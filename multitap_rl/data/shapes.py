@@ -35,6 +35,7 @@ __all__ = [
     "make_shapes_pairs",
     "make_shapes_records",
     "shape_caption",
+    "write_shapes_jsonl",
 ]
 
 SHAPE_COLORS: dict[str, tuple[int, int, int]] = {
@@ -140,7 +141,8 @@ def make_shapes_records(
     question: str | None = None,
 ) -> list[dict]:
     """``n`` samples as dicts: ``image`` (PIL), ``text``, ``score`` (float in [0, 1]), the scene
-    (``color``, ``shape``, ``position``), ``n_wrong`` and, if ``question`` is given, ``question``
+    (``color``, ``shape``, ``position``), ``n_wrong``, per attribute ``<attribute>_correct`` (1.0 if
+    the caption names it right, else 0.0) and, if ``question`` is given, ``question``
     (the instruction task).
 
     A caption is right with probability ``p_correct``; otherwise 1..len(attributes) of the
@@ -178,6 +180,7 @@ def make_shapes_records(
             "score": float(score),
             **truth,
             "n_wrong": len(wrong),
+            **{f"{a}_correct": float(a not in wrong) for a in SHAPE_ATTRIBUTES},
         }
         if question is not None:
             row["question"] = question
@@ -226,3 +229,22 @@ def make_shapes_pairs(n: int, *, seed: int = 0, image_size: int = 112, attribute
             said[a] = _wrong(rng, pools[a], truth[a])
         rows.append({"image": r["image"], "chosen": r["text"], "rejected": shape_caption(ShapeScene(**said))})
     return _dataset(rows)
+
+
+def write_shapes_jsonl(out_dir, n: int, *, seed: int = 0, image_size: int = 112, **kwargs):
+    """:func:`make_shapes_records` on disk: ``out_dir/images/NNNNN.png`` and ``out_dir/rows.jsonl``
+    (``image`` relative to the file, ``text``, ``score``, the scene, ``<attribute>_correct``).
+    Returns the JSONL path. Stage 2 offline: ``--target-columns color_correct,shape_correct,...``."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, row in enumerate(make_shapes_records(n, seed=seed, image_size=image_size, **kwargs)):
+        name = f"images/{i:05d}.png"
+        row.pop("image").save(out / name)
+        lines.append(json.dumps({"image": name, **row}))
+    path = out / "rows.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
