@@ -216,6 +216,21 @@ def _size_get(size, key: str):
     return getattr(size, key, None)
 
 
+def _processor_function(family: str, name: str):
+    """A helper of a transformers image processor module, wherever this transformers keeps it
+    (``image_processing_pil_<family>`` in recent 5.x, ``image_processing_<family>`` before)."""
+    import importlib
+
+    for module in (f"image_processing_pil_{family}", f"image_processing_{family}"):
+        try:
+            found = getattr(importlib.import_module(f"transformers.models.{family}.{module}"), name, None)
+        except ImportError:
+            continue
+        if found is not None:
+            return found
+    raise ImportError(f"transformers has no {name} for {family} image processing (version not supported)")
+
+
 def qwen2_vl_pixel_values(pixels: torch.Tensor, image_processor, image_size: int | None
                           ) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """Differentiable twin of ``resize -> Qwen2VLImageProcessor`` for one image.
@@ -230,7 +245,7 @@ def qwen2_vl_pixel_values(pixels: torch.Tensor, image_processor, image_size: int
         ``(pixel_values, (t, gh, gw))``: pixel_values (gh * gw, 3 * T * P * P) float32 on
         ``pixels.device``, carrying gradients to ``pixels``; the grid as the processor reports it.
     """
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    smart_resize = _processor_function("qwen2_vl", "smart_resize")
 
     ip = image_processor
     patch, merge, temporal = int(ip.patch_size), int(ip.merge_size), int(ip.temporal_patch_size)
@@ -282,10 +297,8 @@ def mllama_pixel_values(pixels: torch.Tensor, image_processor, image_size: int |
         canvas, zero-padded to it (before normalisation, as the processor does), rescaled,
         normalised, split into tiles, then zero tiles up to ``max_image_tiles``.
     """
-    from transformers.models.mllama.image_processing_pil_mllama import (
-        get_image_size_fit_to_canvas,
-        get_optimal_tiled_canvas,
-    )
+    get_image_size_fit_to_canvas = _processor_function("mllama", "get_image_size_fit_to_canvas")
+    get_optimal_tiled_canvas = _processor_function("mllama", "get_optimal_tiled_canvas")
 
     ip = image_processor
     tile = int(_size_get(ip.size, "height"))

@@ -84,7 +84,8 @@ def test_image_processing_without_torchvision(tiny_mllama_model, images):
     """The PIL image processor (no torchvision): one 560-pixel tile padded to four."""
     bb = tiny_mllama_model.backbone
     if importlib.util.find_spec("torchvision") is None:
-        assert type(bb.image_processor).__name__ == "MllamaImageProcessorPil"
+        # the PIL processor (named MllamaImageProcessorPil in recent transformers), not the torchvision one
+        assert type(bb.image_processor).__name__ in ("MllamaImageProcessorPil", "MllamaImageProcessor")
     prepared = bb.prepare_image(images[0])
     assert tuple(prepared.inputs["pixel_values"].shape) == (1, 1, 4, 3, 560, 560)
     assert int(prepared.inputs["num_tiles"]) == 1 and prepared.inputs["aspect_ratio_mask"].tolist() == [[[1, 0, 0, 0]]]
@@ -191,7 +192,7 @@ def test_vision_features_are_the_446_intermediate_layers(tiny_mllama_model, imag
     wanted = list(vision.config.intermediate_layers_indices)
     captured = {}
     hooks = [vision.transformer.layers[k].register_forward_pre_hook(
-        lambda mod, args, kwargs, k=k: captured.__setitem__(k, (args[0] if args else kwargs["hidden_states"]).clone()),
+        lambda mod, args, kwargs, k=k: captured.__setitem__(k, (args[0] if args else next(iter(kwargs.values()))).clone()),
         with_kwargs=True) for k in wanted]
     try:
         p = bb.prepare_image(images[0])

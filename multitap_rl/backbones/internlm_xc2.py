@@ -370,9 +370,10 @@ class InternLM2Model(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """``vision_tower.vision_model`` = the CLIP vision transformer (transformers' ``CLIPVisionModel``,
-    whose own keys have no ``vision_model.`` level since transformers 5): hub keys
-    ``vit.vision_tower.vision_model.*`` as the remote code's 4.x ``CLIPVisionModel`` wrote them."""
+    """``vision_tower.vision_model`` = the CLIP vision transformer: hub keys
+    ``vit.vision_tower.vision_model.*`` as the remote code's 4.x ``CLIPVisionModel`` wrote them.
+    (Recent transformers' ``CLIPVisionModel`` *is* that transformer; earlier 5.x releases wrap it as
+    ``.vision_model``, which is taken here, so the keys are the same under both.)"""
 
     def __init__(self, vision: dict):
         super().__init__()
@@ -381,7 +382,8 @@ class VisionTower(nn.Module):
         self.vision_tower = nn.Module()
         # eager attention: the 4.33 CLIP's arithmetic (bmm, softmax), so the features the reference
         # rounds to bfloat16 are the same float32 numbers and no rounding flips (measured)
-        self.vision_tower.vision_model = CLIPVisionModel(CLIPVisionConfig(**vision, attn_implementation="eager"))
+        clip = CLIPVisionModel(CLIPVisionConfig(**vision, attn_implementation="eager"))
+        self.vision_tower.vision_model = getattr(clip, "vision_model", clip)
 
     @property
     def dtype(self) -> torch.dtype:
