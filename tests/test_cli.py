@@ -218,3 +218,22 @@ def test_commands_print_no_warning_on_a_clean_install(tiny_dirs, images, tmp_pat
                               env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert "warn" not in proc.stderr.lower(), proc.stderr
+
+
+def test_a_bug_keeps_its_traceback_and_user_errors_are_one_line(monkeypatch, capsys):
+    from multitap_rl.commands import presets
+    from multitap_rl.errors import ConfigError
+
+    def bug(args):
+        raise TypeError("a bug in multitap-rl")
+
+    monkeypatch.setattr(presets, "run", bug)
+    with pytest.raises(TypeError, match="a bug in multitap-rl"):
+        main(["presets"])
+
+    def user_error(args):
+        raise ConfigError("weights 'x': no such file or preset")
+
+    monkeypatch.setattr(presets, "run", user_error)
+    assert main(["presets"]) == 2
+    assert capsys.readouterr().err.strip() == "multitap-rl presets: error: weights 'x': no such file or preset"
