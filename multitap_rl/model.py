@@ -193,8 +193,11 @@ def _load_backbone(base_dir: Path, base_name, state: dict[str, torch.Tensor], wh
         raise CheckpointError(f"base model {name!r}: cannot read its config.json ({exc})") from None
     if ignored:
         logger.info("ignoring %s (not needed to score)", ", ".join(ignored))
-    # 2. The module, uninitialised, then the weights strictly.
-    with no_init_weights(), torch.device(dev):
+    # 2. The module, uninitialised, then the weights strictly. Built whole even inside a ZeRO-3
+    #    run (transformers would otherwise construct empty zero.Init partitions that cannot load).
+    from .distributed import whole_modules
+
+    with whole_modules(), no_init_weights(), torch.device(dev):
         module = backbone_cls.build_module(config, dtype=dt)
     load_strict(module, state, where)
     module.eval().requires_grad_(False)
