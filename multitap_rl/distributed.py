@@ -8,6 +8,7 @@ it unconditionally.
 * :func:`collective_device` -- where a collective's tensors must live for the group's backend.
 * :func:`all_true` -- one boolean agreed by every rank (an ``all_reduce`` of a 1-element tensor).
 * :func:`barrier` -- wait for every rank.
+* :func:`init_from_launcher` -- join the process group ``accelerate launch``/``torchrun`` announced.
 * :func:`whole_modules` -- build modules whole even when transformers has been told about ZeRO-3
   (a TRL/Trainer run under DeepSpeed ZeRO-3 makes ``from_config`` construct empty ``zero.Init``
   partitions; a reward model built that way would not load).
@@ -20,8 +21,8 @@ import os
 
 import torch
 
-__all__ = ["all_true", "barrier", "collective_device", "distributed_group", "is_distributed", "rank_and_world",
-           "whole_modules"]
+__all__ = ["all_true", "barrier", "collective_device", "distributed_group", "init_from_launcher", "is_distributed",
+           "launched_world_size", "rank_and_world", "whole_modules"]
 
 
 def is_distributed() -> bool:
@@ -106,6 +107,28 @@ def whole_modules():
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def init_from_launcher(timeout_s: float = 4 * 3600) -> bool:
+    """Join the process group a launcher (``accelerate launch``, ``torchrun``) announced through
+    ``WORLD_SIZE``/``RANK``/``MASTER_ADDR``, if there is one and it is not joined yet: NCCL on GPUs
+    (each rank on GPU ``LOCAL_RANK``), gloo on CPUs. ``timeout_s`` bounds how long a rank waits
+    for the others at a barrier (long extractions finish at different times). True if joined."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if is_distributed():
+        return True
+    if launched_world_size() <= 1 or "MASTER_ADDR" not in os.environ:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
 
 
 def launched_world_size() -> int:
