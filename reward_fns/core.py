@@ -208,10 +208,13 @@ class SharedScorer:
                     hit = all_true(hit)
                 if hit:
                     return self._cache_value
-                from multitap_rl.sharding import gathered
-
-                with gathered(model):
+                if self.spec.shard is None:
                     out = model.score(images, texts, questions, on_error=on_error)
+                else:
+                    from multitap_rl.sharding import gathered
+
+                    with gathered(model):
+                        out = model.score(images, texts, questions, on_error=on_error)
             finally:
                 self._offload()
             self._cache_key, self._cache_value = key, out
