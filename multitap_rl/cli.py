@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit-heads": ("multitap_rl.commands.fit_heads", "fit ridge heads for named dimensions on extracted features"),
     "eval": ("multitap_rl.commands.eval", "per-dimension metrics of heads and overall against targets"),
     "presets": ("multitap_rl.commands.presets", "list the weights presets and objective schemas with their dimensions"),
+    "precision": ("multitap_rl.commands.precision", "bf16/TF32 vs fp32 scores on your samples: |Δ| and ranking agreement"),
 }
 
 

@@ -289,7 +289,9 @@ def spec_for(model_or_path, *, base_model=None, heads=None, device=None, dtype=N
         options = model_or_path.backbone.options()
         spec = ScorerSpec(
             checkpoint=info.get("checkpoint"), base_model=info.get("base_model"), heads=heads_path,
-            device=str(model_or_path.device), dtype=str(model_or_path.backbone.dtype).replace("torch.", ""),
+            device=str(model_or_path.device),
+            dtype="tf32" if getattr(model_or_path, "matmul_precision", None) == "tf32" else
+            str(model_or_path.backbone.dtype).replace("torch.", ""),
             rope=model_or_path.backbone.rope, max_batch_tokens=max_batch_tokens, offload=offload,
             image_size=getattr(model_or_path.backbone, "image_size", None),
             max_length=getattr(model_or_path.backbone, "max_length", None),
