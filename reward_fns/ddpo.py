@@ -143,7 +143,7 @@ class DDPOReward:
         # 2. One batched forward (caption layout: the prompt is the caption), then the weighting
         #    (also with an empty batch: running statistics are shared across ranks).
         n = len(prompts)
-        if n:
+        if n or self.core.spec.shard is not None:  # a sharded model's gather is collective: always take part
             out = self.core.score(batch, prompts)
             self.core.note_invalid(out.errors, "image")
             dims, valid = {"overall": out.overall, **out.dims}, out.valid

@@ -168,7 +168,7 @@ class _TRLReward:
         if invalid and self.core.on_invalid == "raise":
             raise invalid[min(invalid)]
         out = None
-        if keep:
+        if keep or self.core.spec.shard is not None:  # a sharded model's gather is collective: always take part
             qs = None if questions is None else [questions[i] for i in keep]
             try:
                 out = self.core.score([images[i] for i in keep], [texts[i] for i in keep], qs)

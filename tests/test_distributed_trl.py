@@ -169,13 +169,14 @@ def test_two_processes_zero3_recipe_policy_with_colocated_reward(tiny_dirs, head
 
 
 @pytest.mark.slow
-def test_two_processes_zero3_policy_and_sharded_reward(tiny_dirs, heads_dir, tmp_path):
+@pytest.mark.parametrize("trainer", ["grpo", "rloo"])
+def test_two_processes_zero3_policy_and_sharded_reward(trainer, tiny_dirs, heads_dir, tmp_path):
     """ZeRO-3 with every policy tensor partitioned (persistence threshold 0), and the reward model
     sharded too (``shard="zero3"``): each rank holds half of each; rewards as unsharded, in 1 process."""
     pytest.importorskip("deepspeed")
     base, reward = tiny_dirs
     reports = _launch(ROOT / "tests" / "distributed" / "zero3_cpu.yaml", tmp_path / "run", base, reward, heads_dir,
-                      "--shard", "zero3")
+                      "--shard", "zero3", "--trainer", trainer)
     for rep in reports:
         assert rep["policy_persistent_numel"] == 0 and 2 * rep["policy_numel_here"] >= rep["policy_numel_full"]
         assert rep["policy_numel_here"] < rep["policy_numel_full"]

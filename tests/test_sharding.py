@@ -58,7 +58,7 @@ def _check(reports, world):
     for r, rep in enumerate(reports):
         assert rep["rank"] == r and rep["world"] == world
         for family, m in rep["models"].items():
-            assert m["max_diff"] == 0.0, family  # bit-for-bit the same weights, the same computation
+            assert m["max_diff"] == 0.0 and m["lengths_match"], family  # the same weights, the same computation
             assert m["data_numel_between_calls"] == 0, family  # nothing whole between calls
             # this rank's slice: ceil(numel / world) per tensor (DeepSpeed pads slices to equal size)
             assert m["numel_full"] / world <= m["numel_here"] <= m["numel_full"] / world + m["tensors"], family
@@ -94,4 +94,6 @@ def test_two_ranks_sharded_scores_equal_unsharded(request, tmp_path):
            str(SCRIPT), "--models", _models_arg(request), "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    _check([json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)], world=2)
+    reports = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    _check(reports, world=2)
+    assert reports[1]["empty_rank_rewards"] == [None, None]  # and it took part in rank 0's gather

@@ -5,7 +5,8 @@ For each tiny backbone given: score rank-dependent inputs with the unsharded mod
 ``multitap_objective_rewards(..., shard="zero3")``. The ranks' batches differ in content and size
 (the scoring engine runs different numbers of micro-batches on each), and in the second round
 one rank repeats its batch (a local cache hit) while the other does not: the ranks must agree to
-recompute, or the gather would deadlock. Writes ``<out>/rank-<r>.json``.
+recompute, or the gather would deadlock. In the third round one rank has nothing to score (empty
+completions) and must still take part in the gather. Writes ``<out>/rank-<r>.json``.
 """
 
 from __future__ import annotations
@@ -54,9 +55,16 @@ def main(argv=None):
         prompts = lambda b: ["Describe this image."] * len(b[1])  # noqa: E731
         got = {"first": fn(prompts(batch), batch[1], image=batch[0]),
                "second": fn(prompts(second), second[1], image=second[0])}
+        # round 3: rank 1 has nothing to score (its completions are empty); it must still take part
+        third = batch if rank == 0 else ([make_image(5)] * 2, ["", "  "])
+        expected["third"] = expected["first"] if rank == 0 else []
+        out = fn(prompts(third), third[1], image=third[0])
+        got["third"] = [v for v in out if v is not None]
+        report.setdefault("empty_rank_rewards", out if rank == 1 else None)
         model = fn.scorer.model
         report["models"][family] = {
             "max_diff": max(abs(a - b) for k in got for a, b in zip(got[k], expected[k])),
+            "lengths_match": all(len(got[k]) == len(expected[k]) for k in expected),
             "numel_here": local_numel(model),
             "numel_full": sum(int(q.ds_numel) for q in model.parameters()),
             "tensors": len(list(model.parameters())),
