@@ -8,7 +8,8 @@ it unconditionally.
 * :func:`collective_device` -- where a collective's tensors must live for the group's backend.
 * :func:`all_true` -- one boolean agreed by every rank (an ``all_reduce`` of a 1-element tensor).
 * :func:`barrier` -- wait for every rank.
-* :func:`init_from_launcher` -- join the process group ``accelerate launch``/``torchrun`` announced.
+* :func:`init_from_launcher` / :func:`launcher_group` -- join the process group ``accelerate
+  launch``/``torchrun`` announced (the context manager also leaves it at the end).
 * :func:`whole_modules` -- build modules whole even when transformers has been told about ZeRO-3
   (a TRL/Trainer run under DeepSpeed ZeRO-3 makes ``from_config`` construct empty ``zero.Init``
   partitions; a reward model built that way would not load).
@@ -22,7 +23,7 @@ import os
 import torch
 
 __all__ = ["all_true", "barrier", "collective_device", "distributed_group", "init_from_launcher", "is_distributed",
-           "launched_world_size", "rank_and_world", "whole_modules"]
+           "launched_world_size", "launcher_group", "rank_and_world", "whole_modules"]
 
 
 def is_distributed() -> bool:
@@ -129,6 +130,21 @@ def init_from_launcher(timeout_s: float = 4 * 3600) -> bool:
         backend = "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
+
+
+@contextlib.contextmanager
+def launcher_group(timeout_s: float = 4 * 3600):
+    """:func:`init_from_launcher` for the block; a process group joined here is destroyed on exit
+    (a process that exits with a live group can abort in its teardown). Yields ``(rank, world)``."""
+    import torch.distributed as dist
+
+    existed = is_distributed()
+    joined = init_from_launcher(timeout_s)
+    try:
+        yield rank_and_world()
+    finally:
+        if joined and not existed and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def launched_world_size() -> int:

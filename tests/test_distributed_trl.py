@@ -14,9 +14,6 @@ outputs. The test replays the same inputs in this one process and checks:
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,12 +28,6 @@ SCRIPT = ROOT / "tests" / "distributed" / "trl_run.py"
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
 WEIGHTS = "overall=1,detail=0.5"
 EPS32 = 2.0 ** -23  # float32 unit roundoff (relative spacing / 2 is 2**-24; one ulp at 1.0 is 2**-23)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +45,17 @@ def heads_dir(tiny_model, tmp_path_factory):
 
 
 def _launch(config, out: Path, base, reward, heads, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-              "--main_process_port", str(_free_port())]
-    if "zero3.yaml" in str(config):  # the recipe is bf16 for GPUs; CPUs here run float32
-        launch += ["--num_processes", "2", "--mixed_precision", "no"]
-    cmd = [*launch, str(SCRIPT), "--base", str(base), "--reward", str(reward), "--heads", str(heads),
-           "--weights", WEIGHTS, "--out", str(out), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    import _launch as launcher
+
+    def cmd(port):
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                  "--main_process_port", str(port)]
+        if "zero3.yaml" in str(config):  # the recipe is bf16 for GPUs; CPUs here run float32
+            launch += ["--num_processes", "2", "--mixed_precision", "no"]
+        return [*launch, str(SCRIPT), "--base", str(base), "--reward", str(reward), "--heads", str(heads),
+                "--weights", WEIGHTS, "--out", str(out), *extra]
+
+    proc = launcher.run(cmd)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     return [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
 
@@ -89,25 +81,26 @@ def _inputs(call):
 
 
 def _check_run(reports, base, reward, heads, *, zero3_policy=False, sharded=False):
-    from reward_fns import core, multitap_objective_rewards
     from multitap_rl import MultiTapModel
     from multitap_rl.combiner import RewardCombiner
+    from reward_fns import core, multitap_objective_rewards
 
     # 1. What each rank held and did.
     for r, rep in enumerate(reports):
-        assert rep["rank"] == r and rep["world"] == 2
-        assert torch.device(rep["reward_device"]).type == torch.device(rep["process_device"]).type
-        assert rep["loads"] == 1 and rep["same_scorer"]
+        summary = {k: v for k, v in rep.items() if k != "calls"}  # shown when an assertion fails
+        assert rep["rank"] == r and rep["world"] == 2, summary
+        assert torch.device(rep["reward_device"]).type == torch.device(rep["process_device"]).type, summary
+        assert rep["loads"] == 1 and rep["same_scorer"], summary
         rounds = _steps(rep)
-        assert len(rounds) == rep["policy_steps"] >= 2
-        assert rep["forwards"] == len(rounds)  # weighted + 3 objective callables: one forward per round
-        assert rep["policy_max_change"] > 0  # the policy trained
+        assert len(rounds) == rep["policy_steps"] >= 2, summary
+        assert rep["forwards"] == len(rounds), summary  # weighted + 3 objective callables: one forward per round
+        assert rep["policy_max_change"] > 0, summary  # the policy trained
         if zero3_policy:
-            assert "DEEPSPEED" in rep["distributed_type"] and rep["policy_zero3"]
+            assert "DEEPSPEED" in rep["distributed_type"] and rep["policy_zero3"], summary
         if sharded:  # each rank holds half of the reward's weights (+ DeepSpeed's padding to equal slices)
-            assert rep["reward_numel_here"] * 2 - rep["reward_numel_full"] in (0, 1)
+            assert rep["reward_numel_here"] * 2 - rep["reward_numel_full"] in (0, 1), summary
         else:
-            assert rep["reward_numel_here"] == rep["reward_numel_full"]
+            assert rep["reward_numel_here"] == rep["reward_numel_full"], summary
     assert reports[0]["running"] == reports[1]["running"]  # bitwise the same statistics on both ranks
 
     # 2. Replay in this one process.

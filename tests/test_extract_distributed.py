@@ -5,9 +5,6 @@ Features are compared with ``torch.equal``: each chunk is computed from the same
 batches, by the same float32 CPU operations with one thread, whichever process runs it."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -99,21 +96,18 @@ def test_bad_rank_settings(small_model, data, tmp_path):
         extract_features(small_model, path, tmp_path / "s", schema=str(schema), rank=1, world_size=2, progress=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cli(args, launch: bool):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    prefix = [sys.executable, "-m", "multitap_rl.cli"]
-    if launch:
-        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
-                  "-m", "multitap_rl.cli"]
-    proc = subprocess.run([*prefix, "extract", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    import _launch as launcher
+
+    def cmd(port):
+        prefix = [sys.executable, "-m", "multitap_rl.cli"]
+        if launch:
+            prefix = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                      str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(port),
+                      "-m", "multitap_rl.cli"]
+        return [*prefix, "extract", *args]
+
+    proc = launcher.run(cmd, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return proc.stdout
 

@@ -3,9 +3,7 @@ per call scores exactly as the unsharded model (the gather restores the loaded t
 and the call then runs the same float32 operations on them)."""
 
 import json
-import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -88,11 +86,12 @@ def test_one_rank_sharded_scores_equal_unsharded(request, tmp_path, monkeypatch)
 @pytest.mark.slow
 def test_two_ranks_sharded_scores_equal_unsharded(request, tmp_path):
     pytest.importorskip("deepspeed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(SCRIPT), "--models", _models_arg(request), "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    import _launch as launcher
+
+    models = _models_arg(request)
+    proc = launcher.run(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                      "--master_port", str(port), str(SCRIPT), "--models", models,
+                                      "--out", str(tmp_path)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     reports = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     _check(reports, world=2)

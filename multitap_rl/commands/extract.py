@@ -47,7 +47,7 @@ def _schema(args):
 
 def run(args) -> int:
     from ..data.rows import open_rows
-    from ..distributed import init_from_launcher, rank_and_world
+    from ..distributed import launcher_group
     from ..training.features import extract_features, load_features
 
     # 1. Cheap checks before the model loads: arguments, data readable, schema valid, first row expands.
@@ -61,12 +61,11 @@ def run(args) -> int:
     schema.expand(src.rows(0, 1)[0], 0, where=src.where(0))
     # 2. Model, then the (resumable) extraction. Under `accelerate launch` / `torchrun` every rank
     #    loads the model on its own device and extracts its share of the chunks into the same store.
-    init_from_launcher()
-    rank, world = rank_and_world()
-    model = load_model(args)
-    out = extract_features(model, args.data, args.out, schema=schema, split=args.split, chunk_size=args.chunk_size,
-                           batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite,
-                           progress=not args.no_progress)
+    with launcher_group() as (rank, world):
+        model = load_model(args)
+        out = extract_features(model, args.data, args.out, schema=schema, split=args.split,
+                               chunk_size=args.chunk_size, batch_size=args.batch_size, limit=args.limit,
+                               overwrite=args.overwrite, progress=not args.no_progress)
     if rank != 0:  # one summary line on stdout, from rank 0
         return 0
     fs = load_features(out)

@@ -163,10 +163,10 @@ def extract_features(
 
     Returns the store directory.
     """
-    from ..distributed import barrier, rank_and_world
-
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
+
+    from ..distributed import barrier, rank_and_world
 
     # 1. Inputs, schema, manifest (with the input's content fingerprint).
     if chunk_size < 1 or batch_size < 1:
