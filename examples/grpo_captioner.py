@@ -8,6 +8,11 @@ per process on that process's GPU in bf16):
         --checkpoint brl-xfact/Multi-TAP-Qwen2-VL-2B --base-model Qwen/Qwen2-VL-2B-Instruct \
         --heads path/to/heads --weights "overall=1,clarity=0.5" --dataset my_images_dir
 
+Many GPUs with DeepSpeed ZeRO-3 for the policy, and the reward model partitioned too:
+
+    accelerate launch --config_file recipes/accelerate/zero3.yaml examples/grpo_captioner.py \
+        --checkpoint brl-xfact/Multi-TAP-Qwen2-VL-7B --dataset my_images_dir --shard-reward
+
 Offline smoke run on tiny random models (CPU, ~10 s; nothing is left behind unless --output-dir
 is given):
 
@@ -48,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=100)
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--offload-reward", action="store_true", help="keep the reward model on CPU between calls")
+    p.add_argument("--shard-reward", action="store_true",
+                   help="partition the reward model over the ranks with DeepSpeed ZeRO-3 (gathered for each call)")
     p.add_argument("--output-dir", default=None)
     return p.parse_args(argv)
 
@@ -87,7 +94,8 @@ def build(args, reward_funcs=None, workdir: str | None = None):
 
     # The reward: lazily loaded once per process on this process's device (bf16 on GPU).
     if reward_funcs is None:
-        common = dict(base_model=args.base_model, heads=args.heads, offload=args.offload_reward)
+        common = dict(base_model=args.base_model, heads=args.heads, offload=args.offload_reward,
+                      shard="zero3" if args.shard_reward else None)
         if args.objectives:
             reward_funcs = multitap_objective_rewards(args.checkpoint, **common)
         else:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .dimensions import OVERALL, check_dimension_name
+from .distributed import collective_device, distributed_group
 from .errors import ConfigError, DataError
 from .yamlio import load_yaml_file, load_yaml_text
 
@@ -216,15 +217,6 @@ class Gate:
         return [cls.parse(g) for g in gates]
 
 
-def _distributed_group(group):
-    """The process group running statistics are reduced over, or None outside torch.distributed."""
-    import torch.distributed as dist
-
-    if group is False or not (dist.is_available() and dist.is_initialized()):
-        return None
-    return group if group not in (None, True) else dist.group.WORLD
-
-
 class RunningStats:
     """Exponential moving mean/variance per dimension (for ``normalize="running"`` in RL).
 
@@ -249,14 +241,13 @@ class RunningStats:
             if v.numel():
                 m = float(v.mean())
                 local[k] = torch.tensor([v.numel(), m, float(((v - m) ** 2).sum())], dtype=torch.float64)
-        group = _distributed_group(self.group)
+        group = distributed_group(self.group)
         if group is None:
             parts = [local]
         else:
             import torch.distributed as dist
 
-            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else \
-                torch.device("cpu")
+            dev = collective_device(group)  # CPU for gloo, the rank's GPU for NCCL
             parts = [torch.empty_like(local, device=dev) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, local.to(dev), group=group)
             parts = [p.cpu() for p in parts]

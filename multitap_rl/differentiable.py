@@ -27,6 +27,8 @@ so the weighted reward is differentiable too; the reward adapter for trainers li
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -370,7 +372,8 @@ def features_from_pixels(model, pixels: torch.Tensor, texts: Sequence[str],
         raise RuntimeError("differentiable scoring called under torch.inference_mode(); gradients cannot flow")
     check_pixels(pixels, n=len(texts) if isinstance(texts, Sequence) else None)
     bb = model.backbone
-    with torch.enable_grad():
+    matmuls = model._matmuls() if hasattr(model, "_matmuls") else contextlib.nullcontext()  # dtype="tf32": forward only
+    with torch.enable_grad(), matmuls:
         prepared = [bb.prepare_pixels(pixels[i]) for i in range(pixels.shape[0])]
         return model.engine.features_from_prepared(prepared, texts, questions)
 

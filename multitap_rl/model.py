@@ -27,7 +27,8 @@ from .checkpoint import (
 from .errors import CheckpointError, ConfigError, SampleError
 from .scoring import EngineConfig, FeatureEngine
 
-__all__ = ["AUTO", "ON_ERROR", "MultiTapModel", "ScoreOutput", "default_device", "resolve_device", "resolve_dtype"]
+__all__ = ["AUTO", "ON_ERROR", "MultiTapModel", "ScoreOutput", "default_device", "matmul_precision", "resolve_device",
+           "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +101,14 @@ def resolve_device(device) -> torch.device:
 
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+           "tf32": torch.float32}
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """``None``/"auto" -> bfloat16 on GPU, float32 elsewhere; strings like "bf16" accepted."""
+    """``None``/"auto" -> bfloat16 on GPU, float32 elsewhere; strings like "bf16" accepted.
+    ``"tf32"`` is float32 weights (the model then runs its matmuls in TF32 on CUDA, see
+    :func:`matmul_precision`)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -112,6 +116,11 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+def matmul_precision(dtype) -> str | None:
+    """``"tf32"`` when ``dtype`` asks for float32 weights with TF32 matmuls, else None."""
+    return "tf32" if isinstance(dtype, str) and dtype == "tf32" else None
 
 
 def _settings(meta: dict, image_size, max_length, where: str) -> tuple:
@@ -193,8 +202,11 @@ def _load_backbone(base_dir: Path, base_name, state: dict[str, torch.Tensor], wh
         raise CheckpointError(f"base model {name!r}: cannot read its config.json ({exc})") from None
     if ignored:
         logger.info("ignoring %s (not needed to score)", ", ".join(ignored))
-    # 2. The module, uninitialised, then the weights strictly.
-    with no_init_weights(), torch.device(dev):
+    # 2. The module, uninitialised, then the weights strictly. Built whole even inside a ZeRO-3
+    #    run (transformers would otherwise construct empty zero.Init partitions that cannot load).
+    from .distributed import whole_modules
+
+    with whole_modules(), no_init_weights(), torch.device(dev):
         module = backbone_cls.build_module(config, dtype=dt)
     load_strict(module, state, where)
     module.eval().requires_grad_(False)
@@ -239,6 +251,9 @@ class MultiTapModel(nn.Module):
         self.heads = heads
         self.engine = FeatureEngine(backbone, engine)
         self.info = dict(info or {})
+        # "tf32": float32 weights, TF32 matmuls/convolutions around this model's own forward on CUDA
+        # (dtype="tf32" at load); None: the matmul precision the process has.
+        self.matmul_precision: str | None = None
 
     # -- loading -----------------------------------------------------------------------------------
     @classmethod
@@ -268,6 +283,9 @@ class MultiTapModel(nn.Module):
                 Optional for our format and for the released hub checkpoints.
             heads: stage-2 ridge heads directory (see ``multitap_rl.heads``).
             device, dtype: default: this process's GPU in bfloat16, else CPU in float32.
+                ``dtype="tf32"``: float32 weights, TF32 matmuls during this model's forward on
+                CUDA only (the process's own TF32 settings are restored after each call); on CPU
+                it is plain float32.
             rope: "reference" (arange positions, as the released checkpoints were scored) or
                 "mrope"; default from our checkpoint metadata, else "reference".
             max_length: truncate prompts to this many tokens as the reference does (None: never);
@@ -318,6 +336,7 @@ class MultiTapModel(nn.Module):
         info = {"checkpoint": os.fspath(checkpoint), "base_model": os.fspath(base), "family": backbone.family,
                 "checkpoint_dir": str(ckpt_dir), "fingerprint": fingerprint}
         model = cls(backbone, head, engine=engine, info=info).eval()
+        model.matmul_precision = matmul_precision(dtype)
         if heads is not None:
             model.load_heads(heads, trust_legacy=trust_legacy_heads)
         return model
@@ -366,7 +385,9 @@ class MultiTapModel(nn.Module):
         local = Path(os.fspath(base_model)).expanduser()
         name = str(local.resolve()) if local.is_dir() else os.fspath(base_model)
         info = {"checkpoint": None, "base_model": name, "family": backbone.family, "checkpoint_dir": None}
-        return cls(backbone, head, engine=engine, info=info).eval()
+        model = cls(backbone, head, engine=engine, info=info).eval()
+        model.matmul_precision = matmul_precision(dtype)
+        return model
 
     def save_pretrained(
         self,
@@ -469,10 +490,18 @@ class MultiTapModel(nn.Module):
         """``("overall", *head dimensions)``: the names weights and rewards may use."""
         return ("overall", *(self.heads.names if self.heads is not None else ()))
 
+    def _matmuls(self):
+        """The context this model's own forward runs in: TF32 matmuls for a ``dtype="tf32"`` model
+        on CUDA (settings restored after), nothing otherwise."""
+        from .tf32 import tf32_matmuls
+
+        return tf32_matmuls(self.matmul_precision == "tf32" and self.device.type == "cuda")
+
     def forward(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None) -> torch.Tensor:
         """Stage-1 score (N,) on the model's device, differentiable when grads are enabled."""
-        h = self.engine.features(images, texts, questions)
-        return self.overall_from_features(h)
+        with self._matmuls():
+            h = self.engine.features(images, texts, questions)
+            return self.overall_from_features(h)
 
     def overall_from_features(self, h: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.reward_head(h.to(self.device, torch.float32)).squeeze(-1))
@@ -480,7 +509,8 @@ class MultiTapModel(nn.Module):
     @torch.inference_mode()
     def features(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None) -> torch.Tensor:
         """(N, H) float32 CPU: final-layer hidden state at the last position of each sample."""
-        return self.engine.features(images, texts, questions).cpu()
+        with self._matmuls():
+            return self.engine.features(images, texts, questions).cpu()
 
     @torch.inference_mode()
     def score(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None, *,
@@ -494,8 +524,9 @@ class MultiTapModel(nn.Module):
         if on_error not in ON_ERROR:
             raise ConfigError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         errors: dict[int, SampleError] | None = {} if on_error == "skip" else None
-        h = self.engine.features(images, texts, questions, errors=errors)
-        return self.score_features(h, errors=errors)
+        with self._matmuls():
+            h = self.engine.features(images, texts, questions, errors=errors)
+            return self.score_features(h, errors=errors)
 
     @torch.inference_mode()
     def score_features(self, h: torch.Tensor, *, errors: dict[int, SampleError] | None = None) -> ScoreOutput:

@@ -8,6 +8,7 @@ reward (an ``nn.Module`` reward would be treated as a text classifier by TRL).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 from multitap_rl.errors import ConfigError, DataError, MissingDependencyError
@@ -63,6 +64,9 @@ def build_captioner_trainer(policy, reward_funcs, dataset, *, trainer: str = "gr
     except ImportError:  # pragma: no cover - depends on the environment
         raise MissingDependencyError("TRL is needed for RL training: pip install 'multitap-rl[trl]'") from None
     on_gpu = torch.cuda.is_available()
+    # DeepSpeed launched without GPUs (CPU processes): accelerate must not be told "cpu" (it would
+    # fall back to plain DDP) and needs the gloo backend named, or it counts one process only.
+    deepspeed_on_cpu = not on_gpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
     if isinstance(policy, str):
         name = policy
         policy = Qwen2VLForConditionalGeneration.from_pretrained(
@@ -73,8 +77,11 @@ def build_captioner_trainer(policy, reward_funcs, dataset, *, trainer: str = "gr
     cfg = dict(
         output_dir=output_dir, per_device_train_batch_size=batch_size, num_generations=num_generations,
         max_completion_length=max_completion_length, max_steps=max_steps, learning_rate=learning_rate,
-        logging_steps=1, report_to=[], save_strategy="no", bf16=on_gpu, use_cpu=not on_gpu, seed=seed,
+        logging_steps=1, report_to=[], save_strategy="no", bf16=on_gpu, use_cpu=not on_gpu and not deepspeed_on_cpu,
+        seed=seed,
     )
+    if deepspeed_on_cpu:
+        cfg["ddp_backend"] = "gloo"
     cfg.update(config)
     if trainer == "grpo":
         args, cls = trl.GRPOConfig(**cfg), trl.GRPOTrainer

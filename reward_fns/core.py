@@ -82,6 +82,9 @@ class ScorerSpec:
     instance: str | None = None
     backbone_options: tuple[tuple[str, Any], ...] | None = None
     heads_state: tuple[str, bytes] | None = None  # RidgeHeads.to_bytes() of in-memory heads
+    # "zero3": the model's parameters are partitioned over the ranks (DeepSpeed ZeRO-3) and gathered
+    # for each call (multitap_rl.sharding); every rank must then call the reward equally often.
+    shard: str | None = None
 
 
 def _digest_image(h, obj) -> None:
@@ -148,6 +151,10 @@ class SharedScorer:
                 from multitap_rl.heads import RidgeHeads
 
                 model.load_heads(RidgeHeads.from_bytes(s.heads_state))
+            if s.shard == "zero3":
+                from multitap_rl.sharding import shard_zero3
+
+                shard_zero3(model)
             self._model = model
             self._home = self._model.device
             if s.offload:
@@ -187,14 +194,28 @@ class SharedScorer:
               on_error: str = "raise"):
         """A :class:`~multitap_rl.model.ScoreOutput` (float32 CPU). A repeated call with the same
         content (texts, questions, images, model weights) returns the cached result: the
-        callables of one TRL step share one forward."""
+        callables of one TRL step share one forward.
+
+        A sharded model (``spec.shard``) is gathered for the call, a collective: every rank must
+        call together, and a cached result is used only when it is cached on every rank."""
         with self._lock:
             model = self._onload()
             try:
                 key = self._key(model, images, texts, questions, on_error)
-                if key == self._cache_key:
+                hit = key == self._cache_key
+                if self.spec.shard is not None:
+                    from multitap_rl.distributed import all_true
+
+                    hit = all_true(hit)
+                if hit:
                     return self._cache_value
-                out = model.score(images, texts, questions, on_error=on_error)
+                if self.spec.shard is None:
+                    out = model.score(images, texts, questions, on_error=on_error)
+                else:
+                    from multitap_rl.sharding import gathered
+
+                    with gathered(model):
+                        out = model.score(images, texts, questions, on_error=on_error)
             finally:
                 self._offload()
             self._cache_key, self._cache_value = key, out
@@ -239,15 +260,26 @@ def _instance_token(model) -> str:
 
 def spec_for(model_or_path, *, base_model=None, heads=None, device=None, dtype=None, rope=None,
              max_batch_tokens: int = 8192, offload: bool = False, image_size="auto",
-             max_length="auto") -> tuple[ScorerSpec, object | None]:
+             max_length="auto", shard=None) -> tuple[ScorerSpec, object | None]:
     """(spec, already-loaded model or None). A ``MultiTapModel`` instance gets a spec that reloads
     it in other processes after pickling: its checkpoint, settings, backbone options, and its
-    heads (a directory, or the heads themselves when they were attached as an object)."""
+    heads (a directory, or the heads themselves when they were attached as an object).
+
+    ``shard="zero3"``: the reward model is partitioned over the ranks with DeepSpeed ZeRO-3 and
+    gathered per call (:mod:`multitap_rl.sharding`); only for a model loaded from a path (an
+    in-memory model would be emptied in place), not with ``offload``."""
     from multitap_rl.model import MultiTapModel
+    from multitap_rl.sharding import check_shard
 
     if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
         raise ConfigError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}")
+    shard = check_shard(shard)
+    if shard is not None and offload:
+        raise ConfigError("shard='zero3' and offload=True both free accelerator memory between calls; pick one")
     if isinstance(model_or_path, MultiTapModel):
+        if shard is not None:
+            raise ConfigError("shard='zero3' loads and partitions the reward model itself: pass the checkpoint path, "
+                              "not a loaded MultiTapModel (partitioning would empty that model in place)")
         given = {k: v for k, v in (("base_model", base_model), ("heads", heads), ("rope", rope)) if v is not None}
         if given:
             raise ConfigError(f"{sorted(given)} apply when loading from a path; the MultiTapModel passed is already "
@@ -258,7 +290,9 @@ def spec_for(model_or_path, *, base_model=None, heads=None, device=None, dtype=N
         options = model_or_path.backbone.options()
         spec = ScorerSpec(
             checkpoint=info.get("checkpoint"), base_model=info.get("base_model"), heads=heads_path,
-            device=str(model_or_path.device), dtype=str(model_or_path.backbone.dtype).replace("torch.", ""),
+            device=str(model_or_path.device),
+            dtype="tf32" if getattr(model_or_path, "matmul_precision", None) == "tf32" else
+            str(model_or_path.backbone.dtype).replace("torch.", ""),
             rope=model_or_path.backbone.rope, max_batch_tokens=max_batch_tokens, offload=offload,
             image_size=getattr(model_or_path.backbone, "image_size", None),
             max_length=getattr(model_or_path.backbone, "max_length", None),
@@ -275,6 +309,7 @@ def spec_for(model_or_path, *, base_model=None, heads=None, device=None, dtype=N
         heads=None if heads is None else os.fspath(heads), device=None if device is None else str(device),
         dtype=None if dtype is None else str(dtype).replace("torch.", ""), rope=rope,
         max_batch_tokens=max_batch_tokens, offload=offload, image_size=image_size, max_length=max_length,
+        shard=shard,
     )
     return spec, None
 
@@ -312,12 +347,13 @@ class RewardCore:
     def __init__(self, model_or_path, *, base_model=None, heads=None, weights=None, normalize: str = "none",
                  gates: Sequence = (), momentum: float = 0.99, device=None, dtype=None, rope=None,
                  max_batch_tokens: int = 8192, offload: bool = False, image_size="auto", max_length="auto",
-                 on_invalid="raise", combine: bool = True, invalid_options: Sequence[str] = ON_INVALID):
+                 on_invalid="raise", combine: bool = True, invalid_options: Sequence[str] = ON_INVALID,
+                 shard=None):
         from multitap_rl.combiner import RewardCombiner
 
         self.spec, model = spec_for(model_or_path, base_model=base_model, heads=heads, device=device, dtype=dtype,
                                     rope=rope, max_batch_tokens=max_batch_tokens, offload=offload,
-                                    image_size=image_size, max_length=max_length)
+                                    image_size=image_size, max_length=max_length, shard=shard)
         self.on_invalid = check_on_invalid(on_invalid, invalid_options)
         self.dimension_names, stats = dimension_names(self.spec, model)
         self.combiner = RewardCombiner(weights, self.dimension_names, normalize=normalize, stats=stats, gates=gates,

@@ -126,7 +126,7 @@ class DDPOReward(CoreReward):
         # 2. One batched forward (caption layout: the prompt is the caption), then the weighting
         #    (also with an empty batch: running statistics are shared across ranks).
         n = len(prompts)
-        if n:
+        if n or self.core.spec.shard is not None:  # a sharded model's gather is collective: always take part
             out = self.core.score(batch, prompts)
             self.core.note_invalid(out.errors, "image")
             dims, valid = {"overall": out.overall, **out.dims}, out.valid
@@ -149,7 +149,7 @@ class DDPOReward(CoreReward):
 def ddpo_reward(model_or_path, base_model=None, heads=None, weights=None, *, normalize: str = "none",
                 gates: Sequence = (), momentum: float = 0.99, device=None, dtype=None, rope=None,
                 max_batch_tokens: int = 8192, offload: bool = False, name: str = "multitap", on_invalid="raise",
-                image_size="auto", max_length="auto") -> DDPOReward:
+                image_size="auto", max_length="auto", shard=None) -> DDPOReward:
     """A DDPO reward function: ``(images, prompts, metadata) -> (rewards, info)``.
 
     Args:
@@ -162,6 +162,7 @@ def ddpo_reward(model_or_path, base_model=None, heads=None, weights=None, *, nor
             with ``momentum``, shared across ranks).
         gates: e.g. ``["safety<0.5:cap=0"]``.
         offload: keep the reward model on CPU between calls (frees accelerator memory).
+        shard: ``"zero3"``: partition the reward model over the ranks (see :func:`reward_fns.trl.multitap_reward`).
         name: the callable's ``__name__``.
         on_invalid: ``"raise"`` (default: an image that cannot be scored fails the call, naming it)
             or a float given to such images (their ``info`` values are NaN and ``info["valid"]``
@@ -174,5 +175,5 @@ def ddpo_reward(model_or_path, base_model=None, heads=None, weights=None, *, nor
     core = RewardCore(model_or_path, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
                       gates=gates, momentum=momentum, device=device, dtype=dtype, rope=rope,
                       max_batch_tokens=max_batch_tokens, offload=offload, image_size=image_size,
-                      max_length=max_length, on_invalid=on_invalid, invalid_options=("raise",))
+                      max_length=max_length, on_invalid=on_invalid, invalid_options=("raise",), shard=shard)
     return DDPOReward(core, name=name)

@@ -21,7 +21,7 @@ class MultiTapScorer(CoreReward):
     """``scorer(images, texts, questions=None) -> Tensor (N,) float32`` weighted MULTI-TAP rewards.
 
     Same arguments as :func:`reward_fns.trl.multitap_reward` (weights, normalisation, gates,
-    lazy once-per-process loading, offload). ``output_device`` places the returned tensor (e.g. the
+    lazy once-per-process loading, offload, ``shard``). ``output_device`` places the returned tensor (e.g. the
     policy's device); default CPU. ``on_invalid``: ``"raise"`` (default) or a float given to a
     sample that cannot be scored. :meth:`score` returns the full
     :class:`~multitap_rl.combiner.CombinedReward` (reward + every dimension) of the valid samples.
@@ -30,11 +30,11 @@ class MultiTapScorer(CoreReward):
     def __init__(self, model_or_path, base_model=None, heads=None, weights=None, *, normalize: str = "none",
                  gates: Sequence = (), momentum: float = 0.99, device=None, dtype=None, rope=None,
                  max_batch_tokens: int = 8192, offload: bool = False, output_device=None, on_invalid="raise",
-                 image_size="auto", max_length="auto"):
+                 image_size="auto", max_length="auto", shard=None):
         core = RewardCore(model_or_path, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
                           gates=gates, momentum=momentum, device=device, dtype=dtype, rope=rope,
                           max_batch_tokens=max_batch_tokens, offload=offload, image_size=image_size,
-                          max_length=max_length, on_invalid=on_invalid, invalid_options=("raise",))
+                          max_length=max_length, on_invalid=on_invalid, invalid_options=("raise",), shard=shard)
         super().__init__(core, "multitap_scorer")
         self.output_device = None if output_device is None else torch.device(output_device)
 

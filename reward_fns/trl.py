@@ -161,7 +161,7 @@ class _TRLReward(CoreReward):
         if invalid and self.core.on_invalid == "raise":
             raise invalid[min(invalid)]
         out = None
-        if keep:
+        if keep or self.core.spec.shard is not None:  # a sharded model's gather is collective: always take part
             qs = None if questions is None else [questions[i] for i in keep]
             try:
                 out = self.core.score([images[i] for i in keep], [texts[i] for i in keep], qs)
@@ -242,7 +242,7 @@ def multitap_reward(model_or_path, base_model=None, heads=None, weights=None, *,
                     gates: Sequence = (), momentum: float = 0.99, task: str = "caption", device=None, dtype=None,
                     rope=None, max_batch_tokens: int = 8192, offload: bool = False, name: str = "multitap",
                     empty_reward: float | None = None, on_invalid="none", log_dims: bool = True,
-                    image_size="auto", max_length="auto") -> MultiTapReward:
+                    image_size="auto", max_length="auto", shard=None) -> MultiTapReward:
     """A TRL reward function: ``(prompts, completions, **kwargs) -> list[float | None]``.
 
     Args:
@@ -262,11 +262,14 @@ def multitap_reward(model_or_path, base_model=None, heads=None, weights=None, *,
             missing).
         on_invalid: reward of a completion that cannot be scored (no or bad image, a text the
             prompt cannot hold): ``"none"`` (default; TRL ignores it), a float, or ``"raise"``.
+        shard: ``"zero3"`` partitions the reward model over the ranks with DeepSpeed ZeRO-3 (each
+            rank holds 1/world of its weights between calls; gathered for each call). Needs a
+            distributed launch and a checkpoint path. See :mod:`multitap_rl.sharding`.
     """
     core = RewardCore(model_or_path, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
                       gates=gates, momentum=momentum, device=device, dtype=dtype, rope=rope,
                       max_batch_tokens=max_batch_tokens, offload=offload, image_size=image_size,
-                      max_length=max_length, on_invalid=on_invalid)
+                      max_length=max_length, on_invalid=on_invalid, shard=shard)
     return MultiTapReward(core, task=task, name=name, empty_reward=empty_reward, log_dims=log_dims)
 
 
@@ -274,13 +277,13 @@ def multitap_objective_rewards(model_or_path, base_model=None, heads=None, dims:
                                task: str = "caption", device=None, dtype=None, rope=None,
                                max_batch_tokens: int = 8192, offload: bool = False,
                                empty_reward: float | None = None, on_invalid="none", image_size="auto",
-                               max_length="auto") -> list[MultiTapObjectiveReward]:
+                               max_length="auto", shard=None) -> list[MultiTapObjectiveReward]:
     """One TRL reward function per dimension (``overall`` and each head dimension, or ``dims``),
     named ``multitap_<dim>``, sharing one model and one forward per batch. Pass them with
     ``GRPOConfig(reward_weights=[...], multi_objective_aggregation=...)``."""
     core = RewardCore(model_or_path, base_model=base_model, heads=heads, device=device, dtype=dtype, rope=rope,
                       max_batch_tokens=max_batch_tokens, offload=offload, image_size=image_size,
-                      max_length=max_length, on_invalid=on_invalid, combine=False)
+                      max_length=max_length, on_invalid=on_invalid, combine=False, shard=shard)
     names = core.dimension_names
     if isinstance(dims, str):
         raise ConfigError(f"dims must be a list of dimension names, got the string {dims!r}")

@@ -32,14 +32,17 @@ def emit(*args, **kwargs) -> None:
     stream.flush()
 
 
-def add_model_arguments(p: argparse.ArgumentParser, *, heads: bool = True) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, *, heads: bool = True, dtype: bool = True) -> None:
     p.add_argument("--checkpoint", required=True, help="MULTI-TAP checkpoint: local directory or hub id")
     p.add_argument("--base-model", default=None,
                    help="base LVLM: local directory or hub id (default: the one the checkpoint names)")
     if heads:
         p.add_argument("--heads", default=None, help="stage-2 heads directory (fills the per-dimension scores)")
     p.add_argument("--device", default=None, help="torch device (default: this process's GPU, else cpu)")
-    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
+    if dtype:
+        p.add_argument("--dtype", default=None,
+                       help="bf16 | fp16 | fp32 | tf32 (fp32 weights, TF32 matmuls on CUDA; on CPU = fp32) (default: bf16 "
+                            "on GPU, fp32 on CPU)")
     p.add_argument("--rope", default=None, choices=["reference", "mrope"], help="position scheme (default: reference)")
     p.add_argument("--image-size", type=optional_int, default="auto",
                    help="resize images to this square size before the processor ('none': keep; default: the "
@@ -70,7 +73,8 @@ def load_model(args):
 
     return MultiTapModel.from_pretrained(
         args.checkpoint, base_model=args.base_model, heads=getattr(args, "heads", None),
-        device=args.device, dtype=args.dtype, rope=args.rope, image_size=args.image_size, max_length=args.max_length,
+        device=args.device, dtype=getattr(args, "dtype", None), rope=args.rope, image_size=args.image_size,
+        max_length=args.max_length,
     )
 
 

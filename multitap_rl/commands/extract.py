@@ -1,4 +1,7 @@
-"""``multitap-rl extract``: write a dataset's last-position features to a resumable feature store."""
+"""``multitap-rl extract``: write a dataset's last-position features to a resumable feature store.
+
+Under ``accelerate launch -m multitap_rl.cli extract ...`` (or ``torchrun``) every rank loads the model on its
+own device and writes its share of the chunks into the same store (see ``training/features.py``)."""
 
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ def _schema(args):
 
 def run(args) -> int:
     from ..data.rows import open_rows
+    from ..distributed import launcher_group
     from ..training.features import extract_features, load_features
 
     # 1. Cheap checks before the model loads: arguments, data readable, schema valid, first row expands.
@@ -55,13 +59,18 @@ def run(args) -> int:
     schema = _schema(args)
     src = open_rows(args.data, split=args.split, limit=args.limit)
     schema.expand(src.rows(0, 1)[0], 0, where=src.where(0))
-    # 2. Model, then the (resumable) extraction.
-    model = load_model(args)
-    out = extract_features(model, args.data, args.out, schema=schema, split=args.split, chunk_size=args.chunk_size,
-                           batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite,
-                           progress=not args.no_progress)
+    # 2. Model, then the (resumable) extraction. Under `accelerate launch` / `torchrun` every rank
+    #    loads the model on its own device and extracts its share of the chunks into the same store.
+    with launcher_group() as (rank, world):
+        model = load_model(args)
+        out = extract_features(model, args.data, args.out, schema=schema, split=args.split,
+                               chunk_size=args.chunk_size, batch_size=args.batch_size, limit=args.limit,
+                               overwrite=args.overwrite, progress=not args.no_progress)
+    if rank != 0:  # one summary line on stdout, from rank 0
+        return 0
     fs = load_features(out)
     dims = ", ".join(fs.names) if fs.names else "none"
+    procs = f"; {world} processes" if world > 1 else ""
     emit(f"{len(fs)} samples from {len(src)} rows -> {Path(out)} "
-          f"(hidden size {fs.features.shape[1]}; targets: {dims})")
+         f"(hidden size {fs.features.shape[1]}; targets: {dims}{procs})")
     return 0

@@ -13,6 +13,13 @@ split and row limit), the schema, the chunk size and what identifies the model's
 resume with any of them different is refused, naming the differences (``overwrite=True`` /
 ``--overwrite`` starts again).
 
+Distributed (``accelerate launch`` / ``torchrun``; any run where ``torch.distributed`` is
+initialised): rank ``r`` of ``W`` computes the chunks ``k`` with ``k % W == r`` into the same store,
+which must be on a filesystem every rank sees. Chunk ``k`` holds rows ``[k*C, (k+1)*C)`` whoever
+wrote it, so the merged store is the 1-process store (same ids, order and features); rank 0 writes
+the manifest, and each rank resumes its own missing chunks (a resume may use another number of
+processes: presence is per chunk).
+
 Chunk tensors: ``features`` (S, H) float32, ``overall`` (S,) float32, ``row`` (S,) int64 (data
 row), ``sample`` (S,) int64 (view within the row), ``targets`` (S, D) float64 (NaN = not rated).
 :func:`load_features` reads a store back as a :class:`FeatureSet`.
@@ -133,6 +140,8 @@ def extract_features(
     overwrite: bool = False,
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> Path:
     """Write the features of every sample of ``data`` to the store ``out`` (resuming if present).
 
@@ -146,15 +155,30 @@ def extract_features(
         limit: only the first ``limit`` rows.
         overwrite: discard an existing store at ``out`` instead of resuming it.
         on_chunk: called with each chunk index after it is written (progress hooks, tests).
+        rank, world_size: this process's share: the chunks ``k`` with ``k % world_size == rank``.
+            Default: from ``torch.distributed`` when it is initialised (then every rank must call
+            this together; it returns once every chunk is written), else 0 and 1. Given
+            explicitly, no process talks to another: rank 0 must have created the store first
+            (``overwrite`` is applied by rank 0 only).
 
     Returns the store directory.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    from ..distributed import barrier, rank_and_world
+
     # 1. Inputs, schema, manifest (with the input's content fingerprint).
     if chunk_size < 1 or batch_size < 1:
         raise DataError("chunk_size and batch_size must be >= 1")
+    dist_rank, dist_world = rank_and_world()
+    collective = rank is None and world_size is None and dist_world > 1
+    rank = dist_rank if rank is None else rank
+    world_size = dist_world if world_size is None else world_size
+    if isinstance(rank, bool) or isinstance(world_size, bool) or not (isinstance(rank, int) and
+                                                                      isinstance(world_size, int)) \
+            or world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank!r} / world_size {world_size!r}: need 0 <= rank < world_size")
     src = open_rows(data, split=split, limit=limit)
     if schema is None:
         first = src.rows(0, 1)[0]
@@ -171,23 +195,33 @@ def extract_features(
         "dims": list(schema.names),
         "model": model_identity(model),
     }
-    _prepare_store(out, manifest, overwrite)
+    # Rank 0 creates (or checks, or with overwrite empties) the store; the others then only check
+    # its manifest (cleaning up there could delete a chunk rank 0 is already writing).
+    if rank == 0:
+        _prepare_store(out, manifest, overwrite)
+    if collective:
+        barrier()
+    if rank != 0:
+        _check_store(out, manifest)
 
-    # 2. Chunks not yet on disk.
+    # 2. This rank's chunks not yet on disk.
     n_chunks = math.ceil(len(src) / chunk_size)
     todo = []
-    done_rows = 0
-    for k in range(n_chunks):
+    done_rows = total_rows = 0
+    for k in range(rank, n_chunks, world_size):
         start, stop = k * chunk_size, min((k + 1) * chunk_size, len(src))
+        total_rows += stop - start
         if _chunk_ok(_chunk_path(out, k), start, stop):
             done_rows += stop - start
         else:
             todo.append(k)
     if done_rows:
-        logger.info("resuming %s: %d of %d rows already extracted", out, done_rows, len(src))
+        logger.info("resuming %s: %d of %d rows already extracted%s", out, done_rows, total_rows,
+                    f" (rank {rank} of {world_size})" if world_size > 1 else "")
 
     # 3. Compute and write each missing chunk atomically.
-    bar = tqdm(total=len(src), initial=done_rows, desc="extracting", unit="row", disable=not progress)
+    bar = tqdm(total=total_rows, initial=done_rows, desc="extracting" if world_size == 1 else f"extracting [{rank}]",
+               unit="row", disable=not progress or rank != 0)
     try:
         for k in todo:
             start, stop = k * chunk_size, min((k + 1) * chunk_size, len(src))
@@ -206,7 +240,31 @@ def extract_features(
                 on_chunk(k)
     finally:
         bar.close()
+    if collective:  # the store is complete once every rank is done
+        barrier()
+        if rank == 0:
+            missing = [k for k in range(n_chunks)
+                       if not _chunk_ok(_chunk_path(out, k), k * chunk_size, min((k + 1) * chunk_size, len(src)))]
+            if missing:
+                raise DataError(f"{out}: after every rank finished, {len(missing)} chunk(s) are missing here (first: "
+                                f"{missing[0]}); the output directory must be on a filesystem all ranks share")
     return out
+
+
+def _check_store(out: Path, manifest: dict) -> None:
+    """A non-zero rank's check of the store rank 0 prepared: its manifest is this input's."""
+    mpath = out / MANIFEST
+    try:
+        old = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{mpath}: missing on this rank after rank 0 wrote it; the output directory must be on a "
+                        "filesystem all ranks share") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{mpath}: corrupt manifest") from None
+    diffs = [k for k in _RESUME_KEYS if _identity(old, k) != _identity(manifest, k)]
+    if diffs:
+        raise DataError(f"{out}: this rank's input or model differs from rank 0's in {diffs}; every rank must extract "
+                        "the same data with the same model")
 
 
 def _prepare_store(out: Path, manifest: dict, overwrite: bool) -> None:
