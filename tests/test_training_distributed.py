@@ -108,8 +108,8 @@ def test_two_cpu_processes_complete_resume_and_match_one_process(tiny_dirs, tmp_
 
 
 def test_deepspeed_zero3_on_cpu_trains_resumes_and_matches_plain(tiny_dirs, tmp_path):
-    """DeepSpeed ZeRO-3 in one CPU process (accelerate cannot start multi-process DeepSpeed without
-    GPUs): the same numbers as the plain run, resumable from its own checkpoint format."""
+    """DeepSpeed ZeRO-3 in one CPU process: the same numbers as the plain run, resumable from its own
+    checkpoint format. (Two processes: test_deepspeed_zero3_in_two_cpu_processes, slow.)"""
     pytest.importorskip("deepspeed")
     from multitap_rl import MultiTapModel
     from multitap_rl.testing import make_image
@@ -140,3 +140,37 @@ def test_deepspeed_zero3_on_cpu_trains_resumes_and_matches_plain(tiny_dirs, tmp_
     scores = [m.score(imgs, texts).overall for m in models]
     assert torch.allclose(scores[0], scores[1], atol=1e-7, rtol=0)
     assert torch.allclose(scores[0], scores[2], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_in_two_cpu_processes(tiny_dirs, tmp_path):
+    """Stage 1 under DeepSpeed ZeRO-3 in 2 CPU processes (gloo): trains, resumes from its own
+    checkpoint in 2 processes, and equals one plain process with the same global batch. Tolerances
+    as for the gloo DDP run above (gradient sums in another order, Adam's noise on ~zero-gradient
+    weights): losses rel 1e-5, eval MSE 1e-5, scores 1e-5."""
+    pytest.importorskip("deepspeed")
+    base, _ = tiny_dirs
+
+    def args(out, batch):
+        return [*_args(base, out, batch)[:-2], "data.dataset_kwargs.n_train=16", "data.dataset_kwargs.n_eval=4",
+                "train.max_steps=4", "train.save_every=2", "train.mixed_precision=no"]
+
+    def ds(out):
+        return _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                     str(ROOT / "recipes" / "accelerate" / "zero3.yaml"), "--num_processes", "2",
+                     "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+                     "-m", "multitap_rl.cli", *args(out, 2)], out)
+
+    zero = ds(tmp_path / "zero3")
+    state = json.loads((tmp_path / "zero3" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and zero["global_step"] == 4
+    again = tmp_path / "again"
+    shutil.copytree(tmp_path / "zero3" / "checkpoint-2", again / "checkpoint-2")
+    resumed = ds(again)
+    assert resumed["resumed_from"] == 2 and resumed["global_step"] == 4
+    plain = _run([sys.executable, "-m", "multitap_rl.cli", *args(tmp_path / "plain", 4)], tmp_path / "plain")
+    assert _losses(tmp_path / "zero3") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-5)
+    assert zero["metrics"]["mse"] == pytest.approx(plain["metrics"]["mse"], abs=1e-5)
+    scores = [_probe_scores(Path(r["models"]["multitap"])) for r in (zero, resumed, plain)]
+    assert torch.allclose(scores[0], scores[1], atol=1e-5, rtol=0)
+    assert torch.allclose(scores[0], scores[2], atol=1e-5, rtol=0)

@@ -335,15 +335,20 @@ class Stage1Trainer:
     def __init__(self, cfg: Stage1Config, train_data, eval_data, *, overwrite: bool = False):
         _require_accelerate()
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
         self.cfg, t = cfg, cfg.train
-        kwargs = {}
+        kwargs, handlers = {}, []
         if t.find_unused_parameters:
-            kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+            handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
-        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not deepspeed:
-            kwargs["cpu"] = True  # torchrun / accelerate launch without GPUs: CPU processes over gloo
+        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if deepspeed:  # DeepSpeed on CPU processes: accelerate must join them over gloo, or it counts one
+                handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            else:
+                kwargs["cpu"] = True  # torchrun / accelerate launch without GPUs: CPU processes over gloo
+        if handlers:
+            kwargs["kwargs_handlers"] = handlers
         self.acc = Accelerator(
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             mixed_precision=None if t.mixed_precision == "auto" else t.mixed_precision,
@@ -609,9 +614,11 @@ class Stage1Trainer:
     def save_final(self, step: int, metrics: dict) -> dict[str, Path]:
         from .lora import lora_scalings, merge_lora_state_dict
 
-        state = self.acc.get_state_dict(self.net)  # gathers ZeRO-3 shards; keys "model.<MultiTapModel key>"
+        # gathers ZeRO-3 shards (every rank takes part; only rank 0 receives them, the others get None);
+        # keys "model.<MultiTapModel key>"
+        state = self.acc.get_state_dict(self.net) or {}
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-        if self.cfg.train.finetune == "lora":
+        if self.cfg.train.finetune == "lora" and self.main:
             state = merge_lora_state_dict(state, lora_scalings(self.model))
         dirs = {}
         meta = {"training": {"stage": 1, "global_step": step, "finetune": self.cfg.train.finetune,
