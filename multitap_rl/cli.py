@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     from .commands._common import set_result_stream
+    from .distributed import exit_launched_process, launched_world_size
     from .errors import MultiTapError
 
     # Results go to stdout alone; anything else that prints while a command runs (third-party
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            return int(module.run(args) or 0)
+            code = int(module.run(args) or 0)
     except (MultiTapError, OSError) as exc:
         if args.verbose:
             raise
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{exc.strerror or exc}: {exc.filename}"
         print(f"multitap-rl {args.command}: error: {message}", file=sys.stderr)
         return 2
+    if code == 0 and launched_world_size() > 1:  # under accelerate launch / torchrun: leave together
+        exit_launched_process(code)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,8 +22,9 @@ import os
 
 import torch
 
-__all__ = ["all_true", "barrier", "collective_device", "distributed_group", "init_from_launcher", "is_distributed",
-           "launched_world_size", "launcher_group", "rank_and_world", "whole_modules"]
+__all__ = ["all_true", "barrier", "collective_device", "distributed_group", "exit_launched_process",
+           "init_from_launcher", "is_distributed", "launched_world_size", "launcher_group", "rank_and_world",
+           "whole_modules"]
 
 
 def is_distributed() -> bool:
@@ -153,3 +154,22 @@ def launched_world_size() -> int:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         return 1
+
+
+def exit_launched_process(code: int) -> None:
+    """End a process a launcher started, after its work is done: wait for the other ranks, leave
+    the process group, flush, and exit without the interpreter's native teardown, which on CPU
+    sometimes aborts ("terminate called without an active exception") after every rank finished
+    (seen in 2 of 14 DeepSpeed ZeRO-3 runs here) and would turn a finished run into a failed one."""
+    import logging
+    import sys
+
+    import torch.distributed as dist
+
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
