@@ -1,43 +1,58 @@
 """``multitap-rl demo``: the main job end to end.
 
-1. a MULTI-TAP model: ``--checkpoint`` (hub id or directory), or offline a tiny seeded Qwen2-VL
-   base model built in a temporary folder and trained right here with stage 1 (MSE reward head +
-   backbone) on the built-in shapes task -- captions right or wrong about a shape's colour --
-   until it beats the constant predictor (``--train-steps``, ~20 s on one CPU thread);
-2. stage-2 heads: ``--heads DIR``, or offline, ridge heads fitted right here on the shapes task
-   (is the caption's colour / shape / position right?);
-3. score candidate captions for each image and rerank them with the user's ``--weights``;
-4. a few GRPO steps of a captioner (the base model as policy) against the weighted reward.
+Offline (the default): the captioner world (:mod:`multitap_rl.world`) --
 
-Offline the judge is tiny and trained for seconds: it knows colours (what stage 1 taught it),
-little else; the steps are the real pipeline.
+1. the judge: a tiny seeded Qwen2-VL base trained here as a MULTI-TAP reward model with stage 1
+   on the shapes task, plus stage-2 heads (colour / shape / position correctness); its quality;
+2. a tiny Qwen2-VL captioner, warm-started on the caption *format* only (attributes drawn at
+   random, so held-out accuracy starts at chance);
+3. TRL GRPO against ``reward_fns.multitap_reward(judge, weights=--weights)``;
+4. held-out accuracy per attribute, judged by string matching against the scene (never by the
+   reward model), before, during and after; ``--steering`` adds one run per ``--steer-weights``.
+
+Writes ``--output-dir``: ``report.json``, ``reward_curve.png``, ``heldout_accuracy.png``,
+``samples.png``. With ``--checkpoint`` (a real MULTI-TAP model): score and rerank candidate
+captions with ``--weights`` and run a few GRPO steps of ``--policy`` against that reward.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import tempfile
 import time
+from pathlib import Path
 
+from ..errors import ConfigError
 from ._common import emit
 
 ATTRIBUTES = ("color", "shape", "position")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--checkpoint", default=None, help="MULTI-TAP checkpoint (default: tiny offline model)")
-    p.add_argument("--base-model", default=None, help="base LVLM of --checkpoint")
-    p.add_argument("--heads", default=None, help="stage-2 heads directory (offline default: fitted here)")
-    p.add_argument("--policy", default=None, help="captioner for the GRPO steps (default: the base model)")
+    p.add_argument("--output-dir", default="multitap-demo", help="where the report and plots go (default: "
+                   "./multitap-demo; kept after the run)")
+    p.add_argument("--seed", type=int, default=0, help="seeds every phase")
+    p.add_argument("--steering", action="store_true",
+                   help="also one warm start + GRPO per weighting in --steer-weights")
     p.add_argument("--weights", default=None,
-                   help='weights over dimensions, e.g. "overall=1,color=2" (default: overall=1 plus every head dim)')
-    p.add_argument("--images", nargs="*", default=None, help="image files (default: generated shapes)")
-    p.add_argument("--grpo-steps", type=int, default=2, help="GRPO steps to run (0: skip)")
-    p.add_argument("--train-steps", type=int, default=300,
-                   help="offline: stage-1 steps on the shapes task (0: score with the untrained random model)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+                   help='weights over dimensions (offline: overall, color, shape, position; default "color=1")')
+    p.add_argument("--steer-weights", default="color=1;position=1",
+                   help="';'-separated weightings for --steering (default: color=1;position=1)")
+    p.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps (offline default 300; --checkpoint: 2)")
+    p.add_argument("--warm-steps", type=int, default=300, help="offline: warm-start (format) steps")
+    p.add_argument("--judge-steps", type=int, default=900,
+                   help="offline: stage-1 steps on graded colour + position, after 300 on colour")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g = p.add_argument_group("with a real MULTI-TAP model")
+    g.add_argument("--checkpoint", default=None, help="MULTI-TAP checkpoint (hub id or directory)")
+    g.add_argument("--base-model", default=None, help="base LVLM of --checkpoint")
+    g.add_argument("--heads", default=None, help="stage-2 heads directory")
+    g.add_argument("--policy", default=None, help="Qwen2-VL captioner for the GRPO steps (default: the base model)")
+    g.add_argument("--images", nargs="*", default=None, help="image files (default: generated shapes)")
+    g.add_argument("--device", default=None)
+    g.add_argument("--dtype", default=None)
 
 
 def _caption(scene, **change) -> str:
@@ -48,63 +63,6 @@ def _caption(scene, **change) -> str:
 
 def _wrong(rng, pool, right):
     return rng.choice([v for v in pool if v != right])
-
-
-def _fit_shape_heads(model, n: int = 96, seed: int = 0):
-    """Heads for color/shape/position correctness, fitted on shapes-task captions."""
-    from ..training.ridge import fit_ridge_heads
-    from ..data.shapes import SHAPE_COLORS, SHAPE_KINDS, SHAPE_POSITIONS, ShapeScene, draw_shapes_image
-
-    rng = random.Random(seed)
-    pools = {"color": list(SHAPE_COLORS), "shape": list(SHAPE_KINDS), "position": list(SHAPE_POSITIONS)}
-    images, texts, targets = [], [], {a: [] for a in ATTRIBUTES}
-    for _ in range(n):
-        scene = ShapeScene(**{a: rng.choice(pools[a]) for a in ATTRIBUTES})
-        wrong = {a: _wrong(rng, pools[a], getattr(scene, a)) for a in ATTRIBUTES if rng.random() < 0.5}
-        images.append(draw_shapes_image(scene, 112, rng))
-        texts.append(_caption(scene, **wrong))
-        for a in ATTRIBUTES:
-            targets[a].append(0.0 if a in wrong else 1.0)
-    from ..training.features import model_identity
-
-    feats = model.features(images, texts)
-    overall = model.score_features(feats).overall
-    return fit_ridge_heads(feats, targets, overall=overall, fingerprint=model_identity(model))
-
-
-# Stage 1 offline: recipes/stage1/tiny_shapes.yaml's settings (a base with weights of std 0.125
-# leaves the constant-predictor plateau within ~100-350 steps for every seed we swept).
-_STAGE1 = {
-    "model": {"image_size": 56},
-    "data": {"dataset": "shapes", "dataset_kwargs": {"n_train": 512, "n_eval": 128, "attributes": ["color"],
-                                                    "colors": ["red", "green", "blue"]}},
-    "train": {"learning_rate": 1e-3, "head_learning_rate": 1e-2, "lr_scheduler": "constant", "batch_size": 32,
-              "eval_batch_size": 32, "progress": False, "resume": "never", "mixed_precision": "no"},
-}
-
-
-def _offline_model(tmp: str, steps: int):
-    """(base dir, checkpoint dir, image size): the tiny base, and a stage-1 model trained on it
-    (``steps`` > 0) or the tiny random checkpoint (``steps`` == 0)."""
-    from ..testing import build_tiny_multitap, build_tiny_qwen2_vl
-
-    if steps <= 0:
-        base, ckpt = build_tiny_multitap(tmp, seed=0)
-        emit(f"[1/4] offline: tiny random models written to {tmp} (untrained: their scores mean nothing)")
-        return base, ckpt, 560
-    from ..training import train_stage1
-
-    base = build_tiny_qwen2_vl(f"{tmp}/base", seed=0, initializer_range=0.125)  # no reward checkpoint: trained next
-    cfg = {k: dict(v) for k, v in _STAGE1.items()}
-    cfg["model"]["base_model"] = str(base)
-    cfg["train"].update(output_dir=f"{tmp}/stage1", max_steps=steps, eval_every=steps)
-    t = time.perf_counter()
-    res = train_stage1(cfg)
-    m = res.metrics
-    emit(f"[1/4] offline: tiny Qwen2-VL base written to {tmp}; stage 1 on the shapes task (is the caption's "
-          f"colour right?): {steps} steps in {time.perf_counter() - t:.0f}s, validation MSE {m['mse']:.4f} vs "
-          f"{m['baseline_mse']:.4f} for the constant predictor")
-    return base, res.model_dirs["multitap"], _STAGE1["model"]["image_size"]
 
 
 def _quiet() -> None:
@@ -127,72 +85,104 @@ def _quiet() -> None:
 
 
 def run(args) -> int:
-    from ..model import MultiTapModel
-    from ..data.shapes import SHAPE_COLORS, SHAPE_KINDS, SHAPE_POSITIONS, ShapeScene, draw_shapes_image
     _quiet()
+    if args.checkpoint is not None:
+        return _run_checkpoint(args)
+    if args.images:
+        raise ConfigError("--images needs --checkpoint (the offline world draws its own held-out images)")
+    from ..world import CaptionerWorldConfig, run_captioner_world
+    from ..world.captioner import check_targets
+    from ..world.report import final_table, write_plots
+
+    # Every argument is checked here, before any training.
+    cfg = CaptionerWorldConfig(
+        seed=args.seed, weights=args.weights or "color=1",
+        steering=tuple(w.strip() for w in args.steer_weights.split(";") if w.strip()) if args.steering else (),
+        grpo_steps=300 if args.grpo_steps is None else args.grpo_steps, warm_steps=args.warm_steps,
+        judge_steps=args.judge_steps)
+    if args.steering and not cfg.steering:
+        raise ConfigError("--steering needs at least one weighting in --steer-weights")
+    out = Path(args.output_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    emit(f"multitap-rl demo: the captioner world, seed {cfg.seed}; report and plots go to {out}")
+    t = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="multitap-demo-") as tmp:
-        # 1. Model.
-        if args.checkpoint is None:
-            base, ckpt, image_size = _offline_model(tmp, args.train_steps)
-        else:
-            base, ckpt, image_size = args.base_model, args.checkpoint, 560
-            emit(f"[1/4] loading {ckpt}")
-        model = MultiTapModel.from_pretrained(ckpt, base_model=base, heads=args.heads, device=args.device,
-                                              dtype=args.dtype, image_size=image_size)
+        report, sheet = run_captioner_world(cfg, tmp, progress=args.progress, log=emit)
+    report["plots"] = write_plots(report, sheet, out)
+    report["targets"] = check_targets(report)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    emit("")
+    for line in final_table(report):
+        emit(line)
+    emit(f"\ntargets met: {report['targets']}  ({time.perf_counter() - t:.0f}s)")
+    emit(f"report: {out / 'report.json'}; plots: {', '.join(str(out / p) for p in report['plots'])}")
+    return 0
 
-        # 2. Heads.
-        if model.heads is None and args.checkpoint is None:
-            t = time.perf_counter()
-            model.load_heads(_fit_shape_heads(model))
-            emit(f"[2/4] fitted stage-2 heads {list(model.heads.names)} on 96 shapes-task captions "
-                  f"in {time.perf_counter() - t:.1f}s")
-        else:
-            emit(f"[2/4] dimensions: {list(model.dimension_names)}")
-        weights = args.weights or ",".join(f"{d}=1" for d in model.dimension_names)
 
-        # 3. Score and rerank.
-        rng = random.Random(1)
-        if args.images:
-            images = list(args.images)
-            candidates = [["A photo.", "A red circle on the left.", "Two dogs sitting on the grass."]] * len(images)
-        else:
-            scenes = [ShapeScene(color=c, shape=s, position=p) for c, s, p in
-                      [("red", "circle", "left"), ("blue", "square", "top"), ("green", "triangle", "center")]]
-            images = [draw_shapes_image(sc, 112, rng) for sc in scenes]
-            candidates = [[_caption(sc), _caption(sc, color=_wrong(rng, list(SHAPE_COLORS), sc.color)),
-                           _caption(sc, shape=_wrong(rng, list(SHAPE_KINDS), sc.shape)),
-                           _caption(sc, position=_wrong(rng, list(SHAPE_POSITIONS), sc.position))]
-                          for sc in scenes]
-        from reward_fns import rerank
+def _run_checkpoint(args) -> int:
+    """A real MULTI-TAP model: rerank candidate captions with the weights, a few GRPO steps."""
+    from reward_fns import rerank
 
-        ranked = rerank(images, candidates, weights, model_or_path=model)
-        emit(f"[3/4] candidates ranked by reward with weights {weights}:")
-        for i, lst in enumerate(ranked):
-            emit(f"  image {i}:")
-            for rank, c in enumerate(lst, start=1):
-                dims = " ".join(f"{k}={v:.3f}" for k, v in c.dims.items())
-                emit(f"    {rank}. {c.reward:+.3f}  {c.text!r:42} {dims}")
+    from ..data.shapes import (
+        SHAPE_COLORS,
+        SHAPE_KINDS,
+        SHAPE_POSITIONS,
+        ShapeScene,
+        draw_shapes_image,
+    )
+    from ..model import MultiTapModel
 
-        # 4. GRPO steps.
-        if args.grpo_steps > 0:
-            import torch
+    model = MultiTapModel.from_pretrained(args.checkpoint, base_model=args.base_model, heads=args.heads,
+                                          device=args.device, dtype=args.dtype)
+    from ..combiner import Weights
 
-            from reward_fns import build_captioner_trainer, captioning_dataset, multitap_reward
+    weights = args.weights or ",".join(f"{d}=1" for d in model.dimension_names)
+    Weights.parse(weights).check(model.dimension_names)
+    emit(f"[1/3] loaded {args.checkpoint}; dimensions: {list(model.dimension_names)}")
+    rng = random.Random(args.seed)
+    if args.images:
+        images = list(args.images)
+        candidates = [["A photo.", "A red circle on the left.", "Two dogs sitting on the grass."]] * len(images)
+    else:
+        scenes = [ShapeScene(color=c, shape=s, position=p) for c, s, p in
+                  [("red", "circle", "left"), ("blue", "square", "top"), ("green", "triangle", "center")]]
+        images = [draw_shapes_image(sc, 112, rng) for sc in scenes]
+        candidates = [[_caption(sc), _caption(sc, color=_wrong(rng, list(SHAPE_COLORS), sc.color)),
+                       _caption(sc, shape=_wrong(rng, list(SHAPE_KINDS), sc.shape)),
+                       _caption(sc, position=_wrong(rng, list(SHAPE_POSITIONS), sc.position))]
+                      for sc in scenes]
+    ranked = rerank(images, candidates, weights, model_or_path=model)
+    emit(f"[2/3] candidates ranked by reward with weights {weights}:")
+    for i, lst in enumerate(ranked):
+        emit(f"  image {i}:")
+        for rank, c in enumerate(lst, start=1):
+            dims = " ".join(f"{k}={v:.3f}" for k, v in c.dims.items())
+            emit(f"    {rank}. {c.reward:+.3f}  {c.text!r:42} {dims}")
+    steps = 2 if args.grpo_steps is None else args.grpo_steps
+    if steps <= 0:
+        emit("[3/3] GRPO skipped (--grpo-steps 0)")
+        return 0
+    import torch
+    from transformers import PrinterCallback
 
-            torch.manual_seed(0)
-            reward = multitap_reward(model, weights=weights)
-            trainer = build_captioner_trainer(
-                args.policy or str(base), reward, captioning_dataset(images + images[:1]),
-                output_dir=f"{tmp}/grpo", num_generations=2, batch_size=4, max_completion_length=12,
-                max_steps=args.grpo_steps, learning_rate=1e-5, disable_tqdm=True,
-            )
-            from transformers import PrinterCallback
+    from reward_fns import build_captioner_trainer, captioning_dataset, multitap_reward
 
-            trainer.remove_callback(PrinterCallback)
-            trainer.train()
-            logged = [h for h in trainer.state.log_history if "reward" in h]
-            emit(f"[4/4] GRPO: {len(logged)} steps against the weighted reward; mean reward per step: "
-                  + ", ".join(f"{h['reward']:.3f}" for h in logged))
-        else:
-            emit("[4/4] GRPO skipped (--grpo-steps 0)")
+    policy = args.policy or args.base_model or model.info.get("base_model")
+    if not policy:
+        raise ConfigError("--policy (a Qwen2-VL captioner) is needed for the GRPO steps: the checkpoint names "
+                          "no base model")
+    torch.manual_seed(args.seed)
+    reward = multitap_reward(model, weights=weights)
+    with tempfile.TemporaryDirectory(prefix="multitap-demo-") as tmp:
+        trainer = build_captioner_trainer(
+            str(policy), reward, captioning_dataset(images + images[:1]), output_dir=f"{tmp}/grpo",
+            num_generations=2, batch_size=4, max_completion_length=12, max_steps=steps, learning_rate=1e-5,
+            disable_tqdm=not args.progress)
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    logged = [h for h in trainer.state.log_history if "reward" in h]
+    emit(f"[3/3] GRPO: {len(logged)} steps against the weighted reward; mean reward per step: "
+         + ", ".join(f"{h['reward']:.3f}" for h in logged))
     return 0

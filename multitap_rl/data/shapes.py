@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError, MissingDependencyError
 
 __all__ = [
+    "POSITION_PHRASES",
     "SHAPE_ATTRIBUTES",
     "SHAPE_COLORS",
     "SHAPE_KINDS",
@@ -51,8 +52,8 @@ SHAPE_COLORS: dict[str, tuple[int, int, int]] = {
 SHAPE_KINDS: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 SHAPE_POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 SHAPE_ATTRIBUTES: tuple[str, ...] = ("color", "shape", "position")
-_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-            "center": "in the center"}
+POSITION_PHRASES: dict[str, str] = {"left": "on the left", "right": "on the right", "top": "at the top",
+                                    "bottom": "at the bottom", "center": "in the center"}
 # Shape centre as a fraction of the image side.
 _CENTRES = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75),
             "center": (0.5, 0.5)}
@@ -76,7 +77,7 @@ class ShapeScene:
 
 def shape_caption(scene: ShapeScene) -> str:
     """``ShapeScene("red", "circle", "left")`` -> ``"a red circle on the left"``."""
-    return f"a {scene.color} {scene.shape} {_PHRASES[scene.position]}"
+    return f"a {scene.color} {scene.shape} {POSITION_PHRASES[scene.position]}"
 
 
 def draw_shapes_image(scene: ShapeScene, size: int = 112, rng: random.Random | None = None):
