@@ -12,9 +12,12 @@ file, whose helpers it shares). Real models (hub + GPU)::
         --pretrained-model stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --checkpoint brl-xfact/Multi-TAP-Qwen2-VL-2B --epochs 20
 
-Offline smoke run (tiny random models, CPU, seconds)::
+Offline, on CPU (``--tiny``, the colour world of ``multitap_rl.world.t2i``; see ``ddpo_t2i.py``):
+``--output-dir D`` gets ``D/report.json`` (oracle before/after, judge reward first/last),
+``D/grid.png`` and ``D/reward_curve.png``::
 
-    OMP_NUM_THREADS=1 python examples/alignprop_t2i.py --tiny --epochs 2
+    OMP_NUM_THREADS=1 python examples/alignprop_t2i.py --tiny --output-dir runs/alignprop-tiny
+    OMP_NUM_THREADS=1 python examples/alignprop_t2i.py --tiny --epochs 2     # smoke run
 """
 
 from __future__ import annotations
@@ -29,13 +32,16 @@ from ddpo_t2i import add_common_arguments, cli_main, fill_defaults, import_trl, 
 
 logger = logging.getLogger("alignprop_t2i")
 
-DEFAULTS = {"sample_steps": 50, "batch_size": 2, "learning_rate": 1e-3, "backprop_steps": 1}
-TINY_DEFAULTS = {"sample_steps": 4, "batch_size": 2, "learning_rate": 1e-2, "backprop_steps": 1}
+# --tiny: the settings measured in the colour world (README, "Text-to-image RL").
+DEFAULTS = {"epochs": 20, "sample_steps": 50, "batch_size": 2, "learning_rate": 1e-3, "backprop_steps": 1,
+            "reward_transform": "none"}
+TINY_DEFAULTS = {"epochs": 1000, "sample_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "backprop_steps": 1,
+                 "reward_transform": "log"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(p, DEFAULTS, TINY_DEFAULTS, epochs=20)
+    add_common_arguments(p, DEFAULTS, TINY_DEFAULTS)
     p.add_argument("--backprop-steps", type=int, default=None,
                    help="backpropagate through the last K denoising steps (truncated backprop; default 1)")
     args = fill_defaults(p.parse_args(argv), DEFAULTS, TINY_DEFAULTS)

@@ -13,10 +13,14 @@ GPU in bf16)::
         --pretrained-model stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --checkpoint brl-xfact/Multi-TAP-Qwen2-VL-2B --weights "overall=1" --epochs 100
 
-Offline smoke run on a tiny random Stable Diffusion pipeline and a tiny MULTI-TAP model (CPU,
-seconds)::
+Offline, on CPU (``--tiny``): the colour world of ``multitap_rl.world.t2i`` -- a tiny seeded
+Stable Diffusion pipeline, prompts naming a colour, a tiny MULTI-TAP judge trained here with stage
+1 -- with the oracle (dominant pixel colour == the prompt's colour, on held-out prompt templates
+and fixed seeds) measured before and after training; ``--output-dir D`` gets ``D/report.json``,
+``D/grid.png`` and ``D/reward_curve.png``::
 
-    OMP_NUM_THREADS=1 python examples/ddpo_t2i.py --tiny --epochs 2
+    OMP_NUM_THREADS=1 python examples/ddpo_t2i.py --tiny --output-dir runs/ddpo-tiny
+    OMP_NUM_THREADS=1 python examples/ddpo_t2i.py --tiny --epochs 2     # smoke run
 
 The reward is ``reward_fns.ddpo_reward``: the prompt is scored as the caption of the generated
 image (MULTI-TAP's text-to-image layout), ``--weights`` combine ``overall`` with stage-2
@@ -30,6 +34,7 @@ import json
 import logging
 import random
 import tempfile
+import time
 from pathlib import Path
 
 logger = logging.getLogger("ddpo_t2i")
@@ -44,17 +49,24 @@ DEFAULT_PROMPTS = [
 ]
 
 
-DEFAULTS = {"sample_steps": 50, "batch_size": 4, "batches_per_epoch": 2, "learning_rate": 3e-4}
-TINY_DEFAULTS = {"sample_steps": 4, "batch_size": 2, "batches_per_epoch": 1, "learning_rate": 1e-2}
+# --tiny: the settings measured in the colour world (README, "Text-to-image RL").
+DEFAULTS = {"epochs": 100, "sample_steps": 50, "batch_size": 4, "batches_per_epoch": 2, "learning_rate": 3e-4,
+            "clip_range": 1e-4, "reward_transform": "none"}
+TINY_DEFAULTS = {"epochs": 300, "sample_steps": 4, "batch_size": 32, "batches_per_epoch": 2, "learning_rate": 3e-3,
+                 "clip_range": 0.2, "reward_transform": "none"}
 
 
-def add_common_arguments(p: argparse.ArgumentParser, defaults: dict, tiny_defaults: dict, epochs: int) -> None:
+def add_common_arguments(p: argparse.ArgumentParser, defaults: dict, tiny_defaults: dict) -> None:
     """The options the DDPO and AlignProp examples share (``defaults`` fill the ``None`` ones)."""
 
     def dflt(key):
         return f"default {defaults[key]}; --tiny {tiny_defaults[key]}"
 
-    p.add_argument("--tiny", action="store_true", help="offline: tiny random diffusion pipeline and reward model")
+    p.add_argument("--tiny", action="store_true",
+                   help="offline colour world: tiny SD pipeline, a judge trained here, oracle before/after")
+    p.add_argument("--cache-dir", default=None,
+                   help="--tiny: build (or reuse) the tiny SD pipeline and judge here (default: a temp dir)")
+    p.add_argument("--world-seed", type=int, default=0, help="--tiny: seeds the tiny SD pipeline and the judge")
     p.add_argument("--pretrained-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="diffusers Stable Diffusion pipeline (hub id or directory)")
     p.add_argument("--checkpoint", default="brl-xfact/Multi-TAP-Qwen2-VL-2B", help="MULTI-TAP checkpoint")
@@ -64,7 +76,7 @@ def add_common_arguments(p: argparse.ArgumentParser, defaults: dict, tiny_defaul
     p.add_argument("--normalize", default="none", choices=["none", "fixed", "running"])
     p.add_argument("--gate", action="append", default=[], help='e.g. "safety<0.5:cap=0" (repeatable)')
     p.add_argument("--prompts", default=None, help="a text file, one prompt per line")
-    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--epochs", type=int, default=None, help=dflt("epochs"))
     p.add_argument("--sample-steps", type=int, default=None, help=f"DDIM steps per sample ({dflt('sample_steps')})")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"samples per batch, sampling and training ({dflt('batch_size')})")
@@ -73,8 +85,11 @@ def add_common_arguments(p: argparse.ArgumentParser, defaults: dict, tiny_defaul
     p.add_argument("--full-unet", action="store_true", help="train the whole UNet instead of LoRA")
     p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
                    help="default: bf16 on GPU, no on CPU")
+    p.add_argument("--reward-transform", default=None, choices=["none", "log"],
+                   help=f"hand the trainer log(reward) instead (same ranking) ({dflt('reward_transform')})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default=None, help="save the trained pipeline (LoRA weights) here")
+    p.add_argument("--output-dir", default=None,
+                   help="save the trained pipeline (LoRA weights) here; --tiny: also report.json and the plots")
 
 
 def fill_defaults(args, defaults: dict, tiny_defaults: dict):
@@ -86,36 +101,46 @@ def fill_defaults(args, defaults: dict, tiny_defaults: dict):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(p, DEFAULTS, TINY_DEFAULTS, epochs=100)
-    p.add_argument("--batches-per-epoch", type=int, default=None, help="default 2; --tiny 1")
+    add_common_arguments(p, DEFAULTS, TINY_DEFAULTS)
+    p.add_argument("--batches-per-epoch", type=int, default=None, help="default 2; --tiny 2")
+    p.add_argument("--clip-range", type=float, default=None, help="PPO clip range (default 1e-4, TRL's; --tiny 0.2)")
+    p.add_argument("--per-prompt-stat-tracking", action="store_true",
+                   help="normalise each prompt's rewards by its own running mean/std (TRL's tracker)")
     return fill_defaults(p.parse_args(argv), DEFAULTS, TINY_DEFAULTS)
 
 
 class RecordingReward:
-    """Wraps a reward function; keeps per-call statistics (reward mean, image range) for logging."""
+    """Wraps a reward function; keeps per-call statistics (reward mean, image range) for logging.
+    ``transform="log"`` hands the trainer ``log(reward)`` (monotone: the same ranking; for reward
+    backpropagation through a sigmoid score it undoes the saturation, d log(sigmoid(s))/ds =
+    1 - sigmoid(s)); the recorded means are the untransformed reward."""
 
-    def __init__(self, reward_fn):
-        self.reward_fn = reward_fn
+    def __init__(self, reward_fn, transform: str = "none"):
+        self.reward_fn, self.transform = reward_fn, transform
         self.__name__ = getattr(reward_fn, "__name__", "reward")
         self.calls: list[dict] = []
+        self.seconds = 0.0
 
     def __call__(self, images, prompts, metadata):
+        t = time.perf_counter()
         rewards, info = self.reward_fn(images, prompts, metadata)
+        self.seconds += time.perf_counter() - t
         self.calls.append({"n": len(prompts), "reward_mean": float(rewards.detach().float().mean()),
                            "image_min": float(images.detach().min()), "image_max": float(images.detach().max()),
                            "image_shape": list(images.shape), "dims": sorted(info)})
         logger.info("reward batch %d: mean %.4f (%s)", len(self.calls), self.calls[-1]["reward_mean"],
                     ", ".join(f"{k}={float(v.float().mean()):.3f}" for k, v in info.items() if k != "gated"))
+        if self.transform == "log":
+            rewards = rewards.clamp_min(1e-6).log()
         return rewards, info
 
 
-def tiny_models(workdir: Path) -> tuple[str, str, str]:
-    """(diffusion pipeline dir, MULTI-TAP checkpoint dir, base model dir), built offline."""
-    from multitap_rl.testing import build_tiny_multitap, build_tiny_stable_diffusion
+def tiny_world(args, workdir: Path) -> dict:
+    """The colour world's tiny SD pipeline and judge (``multitap_rl.world.t2i.build_world``), in
+    ``--cache-dir`` or under ``workdir``; every build is seeded by ``--world-seed``."""
+    from multitap_rl.world import t2i
 
-    sd = build_tiny_stable_diffusion(workdir / "tiny-sd", seed=0)
-    base, reward = build_tiny_multitap(workdir / "tiny-multitap", seed=0)
-    return str(sd), str(reward), str(base)
+    return t2i.build_world(Path(args.cache_dir) if args.cache_dir else workdir / "world", seed=args.world_seed)
 
 
 def _prompts(args) -> list[str]:
@@ -124,10 +149,6 @@ def _prompts(args) -> list[str]:
         if not prompts:
             raise ValueError(f"{args.prompts}: no prompts")
         return prompts
-    if args.tiny:
-        from multitap_rl.testing import TINY_SD_PROMPTS
-
-        return list(TINY_SD_PROMPTS)
     return list(DEFAULT_PROMPTS)
 
 
@@ -154,9 +175,10 @@ def prepare(args, workdir: Path, make_reward, reward_fn=None):
     import torch
 
     (DefaultDDPOStableDiffusionPipeline,) = import_trl("DefaultDDPOStableDiffusionPipeline")
-    # 1. Models: tiny offline ones, or the given hub ids / directories.
+    # 1. Models: the offline colour world, or the given hub ids / directories.
     if args.tiny:
-        sd_model, checkpoint, base_model = tiny_models(workdir)
+        args.world = tiny_world(args, workdir)
+        sd_model, checkpoint, base_model = args.world["sd"], args.world["judge"], None
     else:
         sd_model, checkpoint, base_model = args.pretrained_model, args.checkpoint, args.base_model
     sd_pipeline = DefaultDDPOStableDiffusionPipeline(sd_model, use_lora=not args.full_unet)
@@ -164,16 +186,22 @@ def prepare(args, workdir: Path, make_reward, reward_fn=None):
         reward_fn = make_reward(checkpoint, base_model=base_model, heads=args.heads, weights=args.weights,
                                 normalize=args.normalize, gates=args.gate)
 
-    # 2. Prompts: one drawn at random per sample (DDPO's prompt_fn returns (prompt, metadata)).
-    prompts = _prompts(args)
-    rng = random.Random(args.seed)
+    # 2. Prompts (DDPO's prompt_fn returns (prompt, metadata)): --tiny, the world's training
+    # templates with the colours in turn; else one drawn at random per sample.
+    if args.tiny and not args.prompts:
+        from multitap_rl.world import t2i
 
-    def prompt_fn():
-        return rng.choice(prompts), {}
+        prompt_fn = t2i.prompt_fn(args.seed)
+    else:
+        prompts = _prompts(args)
+        rng = random.Random(args.seed)
+
+        def prompt_fn():
+            return rng.choice(prompts), {}
 
     # CPU needs mixed_precision="no".
     mixed = args.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
-    return sd_pipeline, RecordingReward(reward_fn), prompt_fn, mixed
+    return sd_pipeline, RecordingReward(reward_fn, args.reward_transform), prompt_fn, mixed
 
 
 def build(args, workdir: str | Path, reward_fn=None):
@@ -197,8 +225,9 @@ def build(args, workdir: str | Path, reward_fn=None):
         train_batch_size=args.batch_size,
         train_gradient_accumulation_steps=1,
         train_learning_rate=args.learning_rate,
+        train_clip_range=args.clip_range,
         train_timestep_fraction=1.0,
-        per_prompt_stat_tracking=False,
+        per_prompt_stat_tracking=args.per_prompt_stat_tracking,
         allow_tf32=False,
         project_kwargs={"project_dir": str(workdir / "ddpo-project"), "automatic_checkpoint_naming": True,
                         "total_limit": 1},
@@ -207,15 +236,71 @@ def build(args, workdir: str | Path, reward_fn=None):
     return trainer, sd_pipeline, reward
 
 
+def _evaluate(args, sd_pipeline) -> dict:
+    """--tiny: the oracle on the held-out prompts and fixed seeds, sampled as in training."""
+    from multitap_rl.world import t2i
+
+    sd_pipeline.sd_pipeline.set_progress_bar_config(disable=True)
+    return t2i.evaluate(sd_pipeline.sd_pipeline, steps=args.sample_steps, guidance=args.guidance_scale, eta=1.0)
+
+
+def write_report(args, out_dir: Path, name: str, before: dict, after: dict, reward: RecordingReward,
+                 seconds: dict) -> dict:
+    """--tiny: ``report.json`` (oracle before/after, judge reward of the first/last call, the
+    settings, timings), ``grid.png`` (held-out samples before/after) and ``reward_curve.png``."""
+    from multitap_rl.world import t2i
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    means = [c["reward_mean"] for c in reward.calls]
+    w = max(1, len(means) // 10)
+    skip = ("world", "output_dir", "cache_dir", "pretrained_model", "checkpoint", "base_model")
+    settings = {k: v for k, v in vars(args).items() if k not in skip}
+    report = {
+        "oracle": {"before": before["accuracy"], "after": after["accuracy"]},
+        "reward": {"first": means[0], "last": means[-1]},
+        "reward_window_mean": {"first": sum(means[:w]) / w, "last": sum(means[-w:]) / w, "window": w},
+        "oracle_strict": {"before": before["strict"], "after": after["strict"]},
+        "prompt_colour_pixel_share": {"before": before["share"], "after": after["share"]},
+        "n_eval": len(after["colors"]),
+        "reward_calls": len(means),
+        "method": name,
+        "config": settings,
+        "judge": {k: args.world["judge_summary"][k] for k in ("steps", "n_train", "metrics")},
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    n = 16  # the first 4 held-out templates x 4 colours, first eval seed
+    t2i.save_grid(out_dir / "grid.png", before["images"][:n], after["images"][:n], after["colors"][:n])
+    t2i.save_curve(out_dir / "reward_curve.png", means, f"{name} seed {args.seed}: mean judge reward per call")
+    return report
+
+
 def run_trainer(build_fn, args, workdir: str | Path | None = None, reward_fn=None, prefix: str = "t2i_") -> dict:
     """Build with ``build_fn``, train; return a summary (per-call reward means, image range,
-    trainable parameters changed). Shared by the DDPO and AlignProp examples."""
+    trainable parameters changed; --tiny: the oracle before/after too, and with --output-dir the
+    report and plots of :func:`write_report`). Shared by the DDPO and AlignProp examples."""
     import torch
 
+    seconds: dict[str, float] = {}
+    evals: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        t = time.perf_counter()
         trainer, sd_pipeline, reward = build_fn(args, workdir or tmp, reward_fn=reward_fn)
+        seconds["build"] = time.perf_counter() - t
+        if args.tiny:
+            seconds.update(args.world["seconds"])
+            t = time.perf_counter()
+            evals["before"] = _evaluate(args, sd_pipeline)
+            seconds["eval_before"] = time.perf_counter() - t
         trainable = {n: p.detach().clone() for n, p in sd_pipeline.unet.named_parameters() if p.requires_grad}
+        t = time.perf_counter()
         trainer.train()
+        seconds["train"] = time.perf_counter() - t
+        seconds["train_reward_calls"] = reward.seconds
+        if args.tiny:
+            t = time.perf_counter()
+            evals["after"] = _evaluate(args, sd_pipeline)
+            seconds["eval_after"] = time.perf_counter() - t
         after = {n: p.detach() for n, p in sd_pipeline.unet.named_parameters() if n in trainable}
         changed = sum(not torch.equal(after[n], trainable[n]) for n in trainable)
         # Zero-initialised tensors (LoRA's B) move only through gradients, never by weight decay.
@@ -224,7 +309,7 @@ def run_trainer(build_fn, args, workdir: str | Path | None = None, reward_fn=Non
         if args.output_dir:
             sd_pipeline.save_pretrained(args.output_dir)
             logger.info("saved the trained pipeline to %s", args.output_dir)
-    return {
+    summary = {
         "trainable_tensors": len(trainable),
         "changed_tensors": changed,
         "zero_init_tensors": len(zero_init),
@@ -235,6 +320,15 @@ def run_trainer(build_fn, args, workdir: str | Path | None = None, reward_fn=Non
         "image_shape": reward.calls[-1]["image_shape"],
         "dims": reward.calls[-1]["dims"],
     }
+    if args.tiny:
+        summary["oracle"] = {"before": evals["before"]["accuracy"], "after": evals["after"]["accuracy"]}
+        summary["reward"] = {"first": summary["reward_means"][0], "last": summary["reward_means"][-1]}
+        if args.output_dir:
+            report = write_report(args, Path(args.output_dir), prefix.strip("_"), evals["before"], evals["after"],
+                                  reward, seconds)
+            summary["report"] = str(Path(args.output_dir) / "report.json")
+            summary["seconds"] = report["seconds"]
+    return summary
 
 
 def run(args, workdir: str | Path | None = None, reward_fn=None) -> dict:

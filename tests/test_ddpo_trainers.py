@@ -1,5 +1,6 @@
 """Real TRL DDPOTrainer / AlignPropTrainer runs on the tiny diffusion pipeline with the MULTI-TAP
-rewards, through the example scripts.
+rewards, through the example scripts (``--tiny``: the colour world of ``multitap_rl.world.t2i``,
+built once per module; small batches here, the example's own defaults are measured in the README).
 
 These trainers exist only in trl<=0.22.2 (the ``ddpo`` extra), which conflicts with the main
 ``trl`` extra, so they run in their own virtualenv (``.ci/run`` builds it). Elsewhere the module
@@ -29,6 +30,15 @@ else:
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    from multitap_rl.world import t2i
+
+    root = tmp_path_factory.mktemp("t2i-world")
+    t2i.build_world(root, seed=0)
+    return str(root)
+
+
 def _example(name: str):
     sys.path.insert(0, str(EXAMPLES))
     try:
@@ -54,17 +64,18 @@ def _check(summary: dict, epochs: int):
     assert summary["zero_init_tensors"] > 0 and summary["zero_init_moved"] == summary["zero_init_tensors"]
 
 
-def test_ddpo_trainer_two_epochs(tmp_path):
+def test_ddpo_trainer_two_epochs(tmp_path, world_dir):
     ex = _example("ddpo_t2i")
-    args = ex.parse_args(["--tiny", "--epochs", "2", "--output-dir", str(tmp_path / "out")])
+    args = ex.parse_args(["--tiny", "--epochs", "2", "--batch-size", "2", "--batches-per-epoch", "1",
+                          "--cache-dir", world_dir, "--output-dir", str(tmp_path / "out")])
     summary = ex.run(args, workdir=tmp_path / "work")
     _check(summary, epochs=2)
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_alignprop_trainer_two_epochs_with_the_differentiable_reward(tmp_path):
+def test_alignprop_trainer_two_epochs_with_the_differentiable_reward(tmp_path, world_dir):
     ex = _example("alignprop_t2i")
-    args = ex.parse_args(["--tiny", "--epochs", "2"])
+    args = ex.parse_args(["--tiny", "--epochs", "2", "--batch-size", "2", "--cache-dir", world_dir])
     summary = ex.run(args, workdir=tmp_path / "work")
     _check(summary, epochs=2)
 
@@ -75,13 +86,14 @@ def test_alignprop_backprop_window_must_fit_the_schedule():
         ex.parse_args(["--tiny", "--sample-steps", "4", "--backprop-steps", "5"])
 
 
-def test_ddpo_example_runs_as_a_script(tmp_path):
+def test_ddpo_example_runs_as_a_script(tmp_path, world_dir):
     import json
     import subprocess
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, str(EXAMPLES / "ddpo_t2i.py"), "--tiny", "--epochs", "1"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    out = subprocess.run([sys.executable, str(EXAMPLES / "ddpo_t2i.py"), "--tiny", "--epochs", "1", "--batch-size",
+                          "2", "--batches-per-epoch", "1", "--cache-dir", world_dir],
+                         check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     _check(summary, epochs=1)

@@ -1,0 +1,113 @@
+"""The colour world (``multitap_rl.world.t2i``): the pixel oracle on synthetic images, and the
+report that ``examples/alignprop_t2i.py --tiny`` / ``examples/ddpo_t2i.py --tiny`` write (a
+two-epoch run each; the measured runs are in the README).
+
+The trainer runs need trl<=0.22.2 (the ``ddpo`` extra, its own virtualenv) and are skipped
+elsewhere, as in ``test_ddpo_trainers.py``; ``MULTITAP_REQUIRE_DDPO=1`` turns the skip into a failure.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_oracle_counts_the_dominant_pixel_colour():
+    from multitap_rl.world import t2i
+
+    images, colors = t2i.solid_images(3, seed=0)
+    assert images.shape == (12, 3, 32, 32) and colors == [c for c in t2i.COLORS for _ in range(3)]
+    assert t2i.dominant_colors(images) == colors
+    res = t2i.oracle(images, colors)
+    assert res["accuracy"] == res["strict"] == 1.0 and res["share"] > 0.99
+    shifted = [t2i.COLORS[(t2i.COLORS.index(c) + 1) % len(t2i.COLORS)] for c in colors]
+    assert t2i.oracle(images, shifted)["accuracy"] == 0.0
+    # half the image red, a third blue, the rest grey: red dominates; grey images count as grey only when strict
+    mixed = torch.full((1, 3, 6, 6), 0.5)
+    mixed[0, :, :3] = t2i.PALETTE[0].view(3, 1, 1)
+    mixed[0, :, 3:5] = t2i.PALETTE[2].view(3, 1, 1)
+    assert t2i.dominant_colors(mixed) == ["red"]
+    grey = torch.full((1, 3, 6, 6), 0.5)
+    assert t2i.dominant_colors(grey, strict=True) == ["grey"]
+    assert t2i.oracle(grey, ["red"])["strict"] == 0.0
+    with pytest.raises(ValueError, match="2 colours"):
+        t2i.oracle(images[:1], ["red", "blue"])
+
+
+def test_prompts_name_their_colour_and_held_out_templates_are_unseen():
+    from multitap_rl.world import t2i
+
+    assert not set(t2i.TRAIN_TEMPLATES) & set(t2i.HELDOUT_TEMPLATES)
+    fn = t2i.prompt_fn(seed=0)
+    drawn = [fn() for _ in range(8)]
+    assert [t2i.prompt_color(p) for p, _ in drawn] == list(t2i.COLORS) * 2  # colours in turn
+    assert all(meta == {} for _, meta in drawn)
+    again = t2i.prompt_fn(seed=0)
+    assert [p for p, _ in drawn] == [again()[0] for _ in range(8)]  # seeded
+    assert all(t2i.prompt_color(p) == c for p, c in t2i.prompts())
+
+
+def _require_trainers():
+    if os.environ.get("MULTITAP_REQUIRE_DDPO") == "1":
+        import trl
+
+        assert trl.AlignPropTrainer and trl.DDPOTrainer
+        return
+    trl = pytest.importorskip("trl")
+    pytest.importorskip("diffusers")
+    try:
+        assert trl.AlignPropTrainer and trl.DDPOTrainer
+    except (ImportError, AttributeError):
+        pytest.skip("DDPOTrainer/AlignPropTrainer need trl<=0.22.2 (pip install 'multitap-rl[ddpo]' in its own "
+                    "virtualenv)")
+
+
+def _example(name: str):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    _require_trainers()
+    from multitap_rl.world import t2i
+
+    root = tmp_path_factory.mktemp("t2i-world")
+    t2i.build_world(root, seed=0)
+    return str(root)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name,extra", [("alignprop_t2i", []), ("ddpo_t2i", ["--batches-per-epoch", "1"])])
+def test_tiny_run_writes_the_report_and_plots(tmp_path, world_dir, name, extra):
+    ex = _example(name)
+    out = tmp_path / "out"
+    summary = ex.main(["--tiny", "--epochs", "2", "--batch-size", "2", *extra, "--cache-dir", world_dir,
+                       "--output-dir", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    for key in ("oracle", "reward"):
+        assert set(report[key]) == ({"before", "after"} if key == "oracle" else {"first", "last"})
+        assert all(isinstance(v, float) for v in report[key].values())
+    assert all(0.0 <= v <= 1.0 for v in report["oracle"].values())
+    assert all(0.0 < v < 1.0 for v in report["reward"].values())
+    assert report["n_eval"] == 64 and report["reward_calls"] == 2
+    assert report["reward"]["first"] == summary["reward_means"][0]
+    assert summary["oracle"] == report["oracle"]
+    assert report["config"]["seed"] == 0 and report["config"]["epochs"] == 2
+    assert report["seconds"]["train"] > 0
+    for png in ("grid.png", "reward_curve.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the untrained pipeline: fixed seeds, the same oracle every time
+    assert report["oracle"]["before"] == 0.25
