@@ -90,11 +90,13 @@ def _run(d: str, *extra: str) -> dict:
 
 @pytest.mark.integration
 def test_demo_report_and_a_short_learning_check(tmp_path, capsys):
-    """Colour reward, a judge trained on colour only, 120 GRPO steps: held-out colour accuracy
-    rises from chance (0.25: the warm start's colours are drawn independently of the image) by at
-    least the issue's 0.25, judged by string matching, never by the judge."""
+    """The demo's judge, half its GRPO steps (150) with ``color=1``: held-out colour accuracy rises
+    from chance (0.25: the warm start's colours are drawn independently of the image) by at least
+    0.25, judged by string matching, never by the judge. At step 150 the full runs of seeds 0, 1, 2
+    stood at 1.00, 0.92, 0.75 (README); a judge trained on colour alone is not enough (seed 1 stayed
+    at 0.25 for 200 steps)."""
     d = str(tmp_path / "demo")
-    report = _run(d, "--judge-steps", "0", "--grpo-steps", "120", "--weights", "color=1")
+    report = _run(d, "--grpo-steps", "150", "--weights", "color=1")
     out = capsys.readouterr().out
     assert d in out.splitlines()[0] and "report:" in out.splitlines()[-1]  # the folder, at start and end
     j = report["judge"]
@@ -102,13 +104,13 @@ def test_demo_report_and_a_short_learning_check(tmp_path, capsys):
     assert set(j["heads"]) == {"color", "shape", "position"}
     assert j["heads"]["color"]["pairwise_accuracy"] >= 0.9  # stage 1 taught colours
     cap = report["captioner"]
-    assert cap["weights"] == "color=1" and cap["steps"] == 120 and cap["target"] == "color"
+    assert cap["weights"] == "color=1" and cap["steps"] == 150 and cap["target"] == "color"
     assert set(cap["heldout"]) == {"color", "shape", "position", "format"}
-    assert set(cap["reward"]) == {"first", "last"} and len(cap["rewards"]) == 120
+    assert set(cap["reward"]) == {"first", "last"} and len(cap["rewards"]) == 150
     assert cap["heldout"]["color"]["before"] == pytest.approx(0.25, abs=0.1)  # chance, up to the warm start's bias
     assert cap["heldout"]["color"]["after"] - cap["heldout"]["color"]["before"] >= 0.25, cap["heldout"]
     assert cap["reward"]["last"] > cap["reward"]["first"]
-    assert [c["step"] for c in cap["curve"]] == [0, 50, 100, 120]
+    assert [c["step"] for c in cap["curve"]] == [0, 50, 100, 150]
     assert report["plots"] == ["reward_curve.png", "heldout_accuracy.png", "samples.png"]
     for p in report["plots"]:
         assert (tmp_path / "demo" / p).read_bytes()[:4] == b"\x89PNG"
