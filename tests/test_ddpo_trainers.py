@@ -8,17 +8,16 @@ is skipped; with ``MULTITAP_REQUIRE_DDPO=1`` (set by CI in that virtualenv) a mi
 fails instead of skipping, so the tests cannot silently not run.
 """
 
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
 import pytest
+from _examples import EXAMPLES, load_example, t2i_world_dir
 
 pytestmark = pytest.mark.integration
 
 if os.environ.get("MULTITAP_REQUIRE_DDPO") == "1":
-    from trl import AlignPropTrainer, DDPOTrainer  # noqa: F401  (must import here)
+    from trl import AlignPropTrainer, DDPOTrainer  # a missing trainer fails here, not skips
 else:
     trl = pytest.importorskip("trl")
     try:
@@ -27,27 +26,10 @@ else:
         pytest.skip("DDPOTrainer/AlignPropTrainer need trl<=0.22.2 (pip install 'multitap-rl[ddpo]' in its own "
                     "virtualenv)", allow_module_level=True)
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
 
 @pytest.fixture(scope="module")
 def world_dir(tmp_path_factory):
-    from multitap_rl.world import t2i
-
-    root = tmp_path_factory.mktemp("t2i-world")
-    t2i.build_world(root, seed=0)
-    return str(root)
-
-
-def _example(name: str):
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    return t2i_world_dir(tmp_path_factory)
 
 
 def _check(summary: dict, epochs: int):
@@ -65,7 +47,7 @@ def _check(summary: dict, epochs: int):
 
 
 def test_ddpo_trainer_two_epochs(tmp_path, world_dir):
-    ex = _example("ddpo_t2i")
+    ex = load_example("ddpo_t2i")
     args = ex.parse_args(["--tiny", "--epochs", "2", "--batch-size", "2", "--batches-per-epoch", "1",
                           "--cache-dir", world_dir, "--output-dir", str(tmp_path / "out")])
     summary = ex.run(args, workdir=tmp_path / "work")
@@ -74,14 +56,14 @@ def test_ddpo_trainer_two_epochs(tmp_path, world_dir):
 
 
 def test_alignprop_trainer_two_epochs_with_the_differentiable_reward(tmp_path, world_dir):
-    ex = _example("alignprop_t2i")
+    ex = load_example("alignprop_t2i")
     args = ex.parse_args(["--tiny", "--epochs", "2", "--batch-size", "2", "--cache-dir", world_dir])
     summary = ex.run(args, workdir=tmp_path / "work")
     _check(summary, epochs=2)
 
 
 def test_alignprop_backprop_window_must_fit_the_schedule():
-    ex = _example("alignprop_t2i")
+    ex = load_example("alignprop_t2i")
     with pytest.raises(SystemExit):
         ex.parse_args(["--tiny", "--sample-steps", "4", "--backprop-steps", "5"])
 

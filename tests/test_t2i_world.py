@@ -6,16 +6,12 @@ The trainer runs need trl<=0.22.2 (the ``ddpo`` extra, its own virtualenv) and a
 elsewhere, as in ``test_ddpo_trainers.py``; ``MULTITAP_REQUIRE_DDPO=1`` turns the skip into a failure.
 """
 
-import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from _examples import load_example, t2i_world_dir
 
 
 def test_oracle_counts_the_dominant_pixel_colour():
@@ -68,31 +64,16 @@ def _require_trainers():
                     "virtualenv)")
 
 
-def _example(name: str):
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(EXAMPLES))
-
-
 @pytest.fixture(scope="module")
 def world_dir(tmp_path_factory):
     _require_trainers()
-    from multitap_rl.world import t2i
-
-    root = tmp_path_factory.mktemp("t2i-world")
-    t2i.build_world(root, seed=0)
-    return str(root)
+    return t2i_world_dir(tmp_path_factory)
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name,extra", [("alignprop_t2i", []), ("ddpo_t2i", ["--batches-per-epoch", "1"])])
 def test_tiny_run_writes_the_report_and_plots(tmp_path, world_dir, name, extra):
-    ex = _example(name)
+    ex = load_example(name)
     out = tmp_path / "out"
     summary = ex.main(["--tiny", "--epochs", "2", "--batch-size", "2", *extra, "--cache-dir", world_dir,
                        "--output-dir", str(out)])
