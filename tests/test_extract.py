@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _spies import Counting
 
 from multitap_rl import MultiTapModel
 from multitap_rl.cli import main
@@ -43,20 +44,6 @@ def ti2t_jsonl(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path, rows
-
-
-class Counting:
-    """Wraps the model; records every text it computes features for."""
-
-    def __init__(self, model):
-        self.model, self.texts = model, []
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def features(self, images, texts, questions=None):
-        self.texts.extend(texts)
-        return self.model.features(images, texts, questions)
 
 
 def test_extract_jsonl_with_schema_matches_the_model(small_model, ti2t_jsonl, tmp_path):

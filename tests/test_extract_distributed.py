@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _spies import Counting
 
 from multitap_rl import MultiTapModel
 from multitap_rl.errors import DataError
@@ -58,18 +59,6 @@ def _same_store(a, b):
     assert a.rows.tolist() == b.rows.tolist() and a.samples.tolist() == b.samples.tolist()
     assert torch.equal(a.features, b.features) and torch.equal(a.overall, b.overall)
     assert np.array_equal(a.targets, b.targets, equal_nan=True)
-
-
-class Counting:
-    def __init__(self, model):
-        self.model, self.texts = model, []
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def features(self, images, texts, questions=None):
-        self.texts.extend(texts)
-        return self.model.features(images, texts, questions)
 
 
 def test_ranks_write_their_chunks_and_the_store_equals_one_process(small_model, data, tmp_path):

@@ -10,7 +10,11 @@ import pytest
 
 from multitap_rl.cli import main
 from multitap_rl.errors import ConfigError
-from multitap_rl.world.captioner import CaptionerWorldConfig, check_targets, steering_target
+from multitap_rl.world.captioner import (
+    CaptionerWorldConfig,
+    check_targets,
+    steering_target,
+)
 from multitap_rl.world.shapes_world import (
     accuracy,
     balanced_scenes,
@@ -61,7 +65,7 @@ def test_config_checks_every_argument_before_training():
         CaptionerWorldConfig(steering=("color=1", "safety=1"))
     with pytest.raises(ConfigError, match="multiple of num_generations"):
         CaptionerWorldConfig(batch_size=10, num_generations=4)
-    with pytest.raises(ConfigError, match="at least 2 distinct color"):
+    with pytest.raises(ConfigError, match="colors: need at least 2 distinct"):
         CaptionerWorldConfig(colors=("red",))
     with pytest.raises(ConfigError, match="'mauve'"):
         CaptionerWorldConfig(colors=("red", "mauve"))

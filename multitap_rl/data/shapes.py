@@ -36,6 +36,7 @@ __all__ = [
     "make_shapes_pairs",
     "make_shapes_records",
     "shape_caption",
+    "shape_pools",
     "write_shapes_jsonl",
 ]
 
@@ -118,7 +119,9 @@ def _choices(name: str, given: Sequence[str] | None, allowed, corrupted: bool) -
     return values
 
 
-def _pools(attributes, colors, shapes, positions) -> dict[str, list[str]]:
+def shape_pools(attributes, colors, shapes, positions) -> dict[str, list[str]]:
+    """``{attribute: values}`` (``None``: every known value); an attribute in ``attributes`` needs
+    at least 2 distinct known values, the others at least 1. Raises ``ConfigError`` naming the problem."""
     return {"color": _choices("colors", colors, SHAPE_COLORS, "color" in attributes),
             "shape": _choices("shapes", shapes, SHAPE_KINDS, "shape" in attributes),
             "position": _choices("positions", positions, SHAPE_POSITIONS, "position" in attributes)}
@@ -159,7 +162,7 @@ def make_shapes_records(
     attributes = list(attributes)
     if not attributes or any(a not in SHAPE_ATTRIBUTES for a in attributes) or len(set(attributes)) != len(attributes):
         raise ConfigError(f"attributes must be distinct names from {SHAPE_ATTRIBUTES}, got {attributes}")
-    pools = _pools(attributes, colors, shapes, positions)
+    pools = shape_pools(attributes, colors, shapes, positions)
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -220,7 +223,7 @@ def make_shapes_pairs(n: int, *, seed: int = 0, image_size: int = 112, attribute
     right caption), ``rejected`` (a caption wrong in at least one of ``attributes``). Other keyword
     arguments (``colors``, ``shapes``, ``positions``) as :func:`make_shapes_records`."""
     right = make_shapes_records(n, seed=seed, p_correct=1.0, image_size=image_size, attributes=attributes, **kwargs)
-    pools = _pools(list(attributes), kwargs.get("colors"), kwargs.get("shapes"), kwargs.get("positions"))
+    pools = shape_pools(list(attributes), kwargs.get("colors"), kwargs.get("shapes"), kwargs.get("positions"))
     rng = random.Random(seed + 1)
     rows = []
     for r in right:

@@ -25,8 +25,7 @@ def _printable(text: str) -> str:
 
 def _runs(report: dict) -> list[dict]:
     runs = [report["captioner"]]
-    runs += [r for r in report.get("steering", []) if r is not report["captioner"]
-             and r["weights"] != report["captioner"]["weights"]]
+    runs += [r for r in report.get("steering", []) if r["weights"] != runs[0]["weights"]]
     return runs
 
 

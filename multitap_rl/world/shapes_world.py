@@ -17,6 +17,7 @@ from ..data.shapes import (
     ShapeScene,
     draw_shapes_image,
     shape_caption,
+    shape_pools,
 )
 from ..errors import ConfigError
 
@@ -25,13 +26,7 @@ ATTRIBUTES = SHAPE_ATTRIBUTES  # ("color", "shape", "position")
 
 def make_pool(colors: Sequence[str], shapes: Sequence[str], positions: Sequence[str]) -> dict[str, list[str]]:
     """``{attribute: values}``; each attribute needs >= 2 distinct known values."""
-    pool = {"color": list(colors), "shape": list(shapes), "position": list(positions)}
-    for attr, values in pool.items():
-        if len(values) < 2 or len(set(values)) != len(values):
-            raise ConfigError(f"the world needs at least 2 distinct {attr} values, got {values}")
-        for v in values:
-            ShapeScene(**{a: (v if a == attr else pool[a][0]) for a in ATTRIBUTES})  # raises on unknown values
-    return pool
+    return shape_pools(ATTRIBUTES, colors, shapes, positions)
 
 
 def random_scenes(rng: random.Random, n: int, pool) -> list[ShapeScene]:
