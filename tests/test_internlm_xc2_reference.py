@@ -84,7 +84,8 @@ def test_stored_data_records_the_reference_facts(stored):
 
 def test_inputs_equal_the_remote_codes(model_dir, stored):
     """Token ids, image positions, crop grid, pixel values and the vision tokens (before the
-    projector, incl. the bfloat16 rounding of the CLIP features): equal, not close."""
+    projector, incl. the bfloat16 rounding of the CLIP features): equal, not close (the vision
+    tokens up to a few bfloat16 rounding steps, see below)."""
     models = {}
     for c in stored["cases"]:
         key = _setting(c)
@@ -102,7 +103,11 @@ def test_inputs_equal_the_remote_codes(model_dir, stored):
         with torch.no_grad():
             tokens = bb.model.view_tokens(px, tuple(c["crops"]))
         assert tokens.shape[0] == c["image_tokens"]
-        assert float(tokens.double().sum()) == c["view_tokens_sum"], c["name"]
+        # The CLIP tower runs in float32, whose last bits differ between CPU kernels; rounding its
+        # output to bfloat16 can then put an element one bf16 step (2**-8 of its binade, at most
+        # 2**-7 * max|t|) away. Allow a handful of such steps, never a real change of the values.
+        step = 2.0 ** -7 * float(tokens.double().abs().max())
+        assert abs(float(tokens.double().sum()) - c["view_tokens_sum"]) <= 8 * step, c["name"]
 
 
 @pytest.mark.parametrize("engine", [
