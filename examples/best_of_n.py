@@ -78,7 +78,7 @@ def main(argv=None):
     candidates = sample_captions(policy, processor, images, args.num_candidates, args.max_new_tokens,
                                  args.temperature)
     reward_model = MultiTapModel.from_pretrained(args.checkpoint, base_model=args.base_model, heads=args.heads)
-    ranked = rerank(images, candidates, args.weights, model_or_path=reward_model)
+    ranked = rerank(reward_model, images, candidates, weights=args.weights)
     for i, lst in enumerate(ranked):
         print(f"image {i}: best of {len(lst)}: {lst[0].text!r} (reward {lst[0].reward:.4f})")
         for c in lst[1:]:

@@ -82,6 +82,7 @@ def _dataset(args):
 
 def build(args, reward_funcs=None, workdir: str | None = None):
     """(trainer, reward_funcs). ``reward_funcs`` overrides the MULTI-TAP reward (tests wrap it)."""
+    from multitap_rl import ModelSpec
     from reward_fns import multitap_objective_rewards, multitap_reward
     from reward_fns.captioner import build_captioner_trainer
 
@@ -94,12 +95,12 @@ def build(args, reward_funcs=None, workdir: str | None = None):
 
     # The reward: lazily loaded once per process on this process's device (bf16 on GPU).
     if reward_funcs is None:
-        common = dict(base_model=args.base_model, heads=args.heads, offload=args.offload_reward,
-                      shard="zero3" if args.shard_reward else None)
+        spec = ModelSpec(checkpoint=args.checkpoint, base_model=args.base_model, heads=args.heads,
+                         offload=args.offload_reward, shard="zero3" if args.shard_reward else None)
         if args.objectives:
-            reward_funcs = multitap_objective_rewards(args.checkpoint, **common)
+            reward_funcs = multitap_objective_rewards(spec)
         else:
-            reward_funcs = multitap_reward(args.checkpoint, weights=args.weights, **common)
+            reward_funcs = multitap_reward(spec, weights=args.weights)
     trainer = build_captioner_trainer(
         args.policy, reward_funcs, _dataset(args), trainer=args.trainer,
         output_dir=args.output_dir or str(workdir / "out"), num_generations=args.num_generations,

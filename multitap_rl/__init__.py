@@ -2,7 +2,8 @@
 
 Public names (imported lazily: ``multitap-rl --help`` does not import torch):
 
-* :class:`MultiTapModel`, :class:`ScoreOutput`, :class:`EngineConfig` -- load and score;
+* :class:`MultiTapModel`, :class:`ScoreOutput`, :class:`ModelSpec`, :class:`EngineConfig` -- which
+  model, loaded how; load and score;
 * :class:`Weights`, :class:`RewardCombiner` -- user weights, normalisation and gates;
 * :class:`RidgeHeads` -- stage-2 heads; :func:`list_presets`, :func:`list_schemas` -- the weights
   presets and objective schemas that ship with the package;
@@ -24,6 +25,7 @@ __all__ = [
     "EngineConfig",
     "HeadsError",
     "MultiTapError",
+    "ModelSpec",
     "MultiTapModel",
     "RewardCombiner",
     "RidgeHeads",
@@ -41,6 +43,7 @@ _LAZY = {
     "MultiTapModel": ".model",
     "ScoreOutput": ".model",
     "EngineConfig": ".scoring",
+    "ModelSpec": ".spec",
     "Weights": ".combiner",
     "RewardCombiner": ".combiner",
     "RidgeHeads": ".heads",
@@ -62,5 +65,6 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     from .presets import list_presets
     from .schemas import list_schemas
     from .scoring import EngineConfig
+    from .spec import ModelSpec
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

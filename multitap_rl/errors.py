@@ -12,12 +12,22 @@ also the built-in exception code written before these classes existed would catc
   names (the CLI's row, TRL's completion) re-raise it with :meth:`SampleError.at`;
 * :class:`CheckpointError` -- a checkpoint or base model that cannot be used as asked;
 * :class:`HeadsError` -- stage-2 heads that cannot be fit, read or used;
-* :class:`MissingDependencyError` -- an optional dependency (which extra to install).
+* :class:`MissingDependencyError` -- an optional dependency (which extra to install), raised by
+  :func:`require`.
+
+Bad samples have one vocabulary everywhere (``MultiTapModel.score``, every reward adapter, the
+CLI's ``--on-invalid``): ``on_invalid="raise"`` (the first bad sample raises a ``SampleError``
+naming it), ``"skip"`` (it is left out and reported: NaN in a ``ScoreOutput``, ``None`` where
+the trainer accepts ``None``), or a finite float (the reward such a sample gets).
 """
 
 from __future__ import annotations
 
+import importlib
+import math
+
 __all__ = [
+    "ON_INVALID",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -25,7 +35,11 @@ __all__ = [
     "MissingDependencyError",
     "MultiTapError",
     "SampleError",
+    "check_on_invalid",
+    "require",
 ]
+
+ON_INVALID = ("raise", "skip")
 
 
 class MultiTapError(Exception):
@@ -91,3 +105,25 @@ class SampleError(DataError, TypeError):
 
 def _rebuild_sample_error(index, field, message, unit, source, detail="") -> SampleError:
     return SampleError(index, field, message, unit=unit, source=source, detail=detail)
+
+
+def check_on_invalid(value, allowed=ON_INVALID, allow_float: bool = True):
+    """``value`` if it is one of ``allowed`` or (``allow_float``) a finite number (as a float),
+    else a :class:`ConfigError` listing what is accepted."""
+    if isinstance(value, str):
+        if value in allowed:
+            return value
+    elif allow_float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    options = " | ".join(repr(a) for a in allowed) + (" | a finite float" if allow_float else "")
+    raise ConfigError(f"on_invalid must be {options}, got {value!r}")
+
+
+def require(package: str, extra: str, what: str):
+    """Import and return the optional ``package``, or raise :class:`MissingDependencyError` saying
+    that ``what`` needs it and which extra of multitap-rl brings it."""
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise MissingDependencyError(f"{what} needs {package.split('.')[0]}: pip install 'multitap-rl[{extra}]'") \
+            from None

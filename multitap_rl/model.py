@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, backbone_for, remote_code_backbone
+from .backbones.base import FeatureSettings
 from .checkpoint import (
     BASE_MODEL_FILES,
     CHECKPOINT_FILES,
@@ -24,28 +25,35 @@ from .checkpoint import (
     resolve_dir,
     split_checkpoint,
 )
-from .errors import CheckpointError, ConfigError, SampleError
+from .errors import ON_INVALID, CheckpointError, ConfigError, SampleError, check_on_invalid
 from .scoring import EngineConfig, FeatureEngine
+from .spec import AUTO, ModelSpec
 
-__all__ = ["AUTO", "ON_ERROR", "MultiTapModel", "ScoreOutput", "default_device", "matmul_precision", "resolve_device",
+__all__ = ["AUTO", "MultiTapModel", "ScoreOutput", "default_device", "matmul_precision", "resolve_device",
            "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
 
-ON_ERROR = ("raise", "skip")
-
-
 @dataclass
 class ScoreOutput:
-    """Scores for N samples. ``overall``: (N,) float32 stage-1 score in (0, 1). ``dims``: stage-2
-    dimension name -> (N,) float32 (empty without heads). ``errors``: sample index -> the
+    """Scores for N samples. ``scores``: dimension name -> (N,) float32, ``"overall"`` (the stage-1
+    score in (0, 1)) first, then each stage-2 head dimension. ``errors``: sample index -> the
     :class:`~multitap_rl.errors.SampleError` that kept it from being scored (only with
-    ``on_error="skip"``; those samples' values are NaN and :attr:`valid` is False there)."""
+    ``on_invalid="skip"``; those samples' values are NaN and :attr:`valid` is False there)."""
 
-    overall: torch.Tensor
-    dims: dict[str, torch.Tensor] = field(default_factory=dict)
+    scores: dict[str, torch.Tensor]
     errors: dict[int, SampleError] = field(default_factory=dict)
+
+    @property
+    def overall(self) -> torch.Tensor:
+        """(N,) the stage-1 score, ``scores["overall"]``."""
+        return self.scores["overall"]
+
+    @property
+    def dims(self) -> dict[str, torch.Tensor]:
+        """The stage-2 dimensions only (``scores`` without ``"overall"``)."""
+        return {k: v for k, v in self.scores.items() if k != "overall"}
 
     def __len__(self) -> int:
         return int(self.overall.shape[0])
@@ -61,13 +69,8 @@ class ScoreOutput:
     def rows(self) -> list[dict[str, float | str]]:
         """One ``{"overall": x, <dim>: y, ...}`` dict per sample (``{"error": message}`` for a
         sample that could not be scored)."""
-        cols = {"overall": self.overall, **self.dims}
-        return [{"error": str(self.errors[i])} if i in self.errors else {k: float(v[i]) for k, v in cols.items()}
+        return [{"error": str(self.errors[i])} if i in self.errors else {k: float(v[i]) for k, v in self.scores.items()}
                 for i in range(len(self))]
-
-
-AUTO = "auto"  # image_size / max_length: the checkpoint's own value (ours record it), else the reference's
-_REFERENCE_SETTINGS = {"image_size": 560, "max_length": AUTO}  # AUTO max_length: the backbone's reference value
 
 
 def default_device() -> torch.device:
@@ -123,21 +126,26 @@ def matmul_precision(dtype) -> str | None:
     return "tf32" if isinstance(dtype, str) and dtype == "tf32" else None
 
 
-def _settings(meta: dict, image_size, max_length, where: str) -> tuple:
-    """(image_size, max_length): "auto" takes the checkpoint's recorded value (else the reference's);
-    an explicit value that differs from the recorded one wins, with a warning (scores change)."""
-    out = []
+def _resolve_settings(backbone_cls, meta: dict, where: str, *, rope, image_size, max_length,
+                      backbone_options) -> FeatureSettings:
+    """The one place requested settings become the backbone's :class:`FeatureSettings`: ``None``
+    rope and options and ``"auto"`` sizes take the checkpoint's recorded value (``meta``), else
+    the reference's (rope "reference", image size 560, the backbone's reference ``max_length``).
+    An explicit size that differs from the recorded one wins, with a warning (scores change)."""
+    reference = {"image_size": 560, "max_length": backbone_cls.default_max_length}
+    sizes = {}
     for key, value in (("image_size", image_size), ("max_length", max_length)):
-        recorded = meta.get(key) if key in meta else None
         if isinstance(value, str):
             if value != AUTO:
                 raise ConfigError(f"{key} must be an int, None or 'auto', got {value!r}")
-            value = meta[key] if key in meta else _REFERENCE_SETTINGS[key]  # max_length: the backbone's
-        elif recorded is not None and recorded != value:
+            value = meta[key] if key in meta else reference[key]
+        elif meta.get(key) is not None and meta[key] != value:
             logger.warning("%s was trained with %s=%s but is loaded with %s=%s (scores change)", where, key,
-                           recorded, key, value)
-        out.append(value)
-    return tuple(out)
+                           meta[key], key, value)
+        sizes[key] = value
+    options = _backbone_options(meta.get("backbone_options") if backbone_options is None else backbone_options)
+    return FeatureSettings(rope or meta.get("rope") or "reference", sizes["image_size"], sizes["max_length"],
+                           tuple(sorted(options.items())))
 
 
 def _chat_template(tokenizer, base_dir: Path) -> str:
@@ -154,6 +162,8 @@ def _chat_template(tokenizer, base_dir: Path) -> str:
 def _backbone_options(options) -> dict:
     if options is None:
         return {}
+    if isinstance(options, tuple):  # a ModelSpec's sorted pairs
+        options = dict(options)
     if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
         raise TypeError(f"backbone_options must be a dict of keyword arguments, got {type(options).__name__}")
     reserved = {"rope", "image_size", "max_length"} & options.keys()
@@ -178,7 +188,8 @@ def _no_base_model_message(ckpt_dir: Path, name: str) -> str:
 
 
 def _load_backbone(base_dir: Path, base_name, state: dict[str, torch.Tensor], where: str, dev: torch.device,
-                   dt: torch.dtype, *, rope: str, image_size, max_length, backbone_options) -> tuple[Backbone, dict]:
+                   dt: torch.dtype, *, meta: dict, rope, image_size, max_length,
+                   backbone_options) -> tuple[Backbone, dict]:
     """The backbone adapter for ``base_dir``'s config with ``state`` loaded strictly into an
     uninitialised module (frozen, eval), plus the base model's tokenizer, image processor and chat
     template. Returns (backbone, ``state`` with keys remapped onto the module)."""
@@ -223,12 +234,11 @@ def _load_backbone(base_dir: Path, base_name, state: dict[str, torch.Tensor], wh
     if len(tokenizer) < 16:  # transformers builds an almost empty tokenizer when the files are missing
         raise CheckpointError(f"base model {name!r}: its tokenizer has {len(tokenizer)} token(s); the tokenizer files "
                               "(tokenizer.json / tokenizer_config.json) are missing or broken")
-    if max_length == AUTO:
-        max_length = backbone_cls.default_max_length
-    options = _backbone_options(backbone_options)
+    settings = _resolve_settings(backbone_cls, meta, where, rope=rope, image_size=image_size, max_length=max_length,
+                                 backbone_options=backbone_options)
     try:
-        backbone = backbone_cls(module, tokenizer, image_processor, chat_template,
-                                rope=rope, image_size=image_size, max_length=max_length, **options)
+        backbone = backbone_cls(module, tokenizer, image_processor, chat_template, rope=settings.rope,
+                                image_size=settings.image_size, max_length=settings.max_length, **dict(settings.options))
     except ConfigError:
         raise
     except ValueError as exc:
@@ -239,21 +249,24 @@ def _load_backbone(base_dir: Path, base_name, state: dict[str, torch.Tensor], wh
 class MultiTapModel(nn.Module):
     """Scores image-text pairs with MULTI-TAP.
 
-    ``score(images, texts, questions=None) -> ScoreOutput``; ``features(...) -> (N, H)``.
-    Build with :meth:`from_pretrained`.
+    ``score(images, texts, questions=None) -> ScoreOutput``; ``features(...) -> (N, H)``;
+    ``forward(...) -> (N,)`` reward logits (what stage 1 trains; ``score`` applies the sigmoid).
+    Build with :meth:`from_pretrained`, :meth:`from_spec` or :meth:`from_base_model`; ``spec``
+    is the :class:`~multitap_rl.spec.ModelSpec` it was loaded from.
     """
 
     def __init__(self, backbone: Backbone, reward_head: nn.Linear, *, heads=None,
-                 engine: EngineConfig | None = None, info: dict | None = None):
+                 engine: EngineConfig | None = None, info: dict | None = None, spec: ModelSpec | None = None):
         super().__init__()
         self.backbone = backbone
         self.reward_head = reward_head
         self.heads = heads
         self.engine = FeatureEngine(backbone, engine)
         self.info = dict(info or {})
+        self.spec = spec if spec is not None else ModelSpec(engine=self.engine.config)
         # "tf32": float32 weights, TF32 matmuls/convolutions around this model's own forward on CUDA
         # (dtype="tf32" at load); None: the matmul precision the process has.
-        self.matmul_precision: str | None = None
+        self.matmul_precision: str | None = matmul_precision(self.spec.dtype)
 
     # -- loading -----------------------------------------------------------------------------------
     @classmethod
@@ -300,10 +313,12 @@ class MultiTapModel(nn.Module):
                 default: those saved in our checkpoint metadata (``save_pretrained`` records them).
         """
         # 1. Locate the checkpoint and the base model; settings the checkpoint recorded.
+        spec = ModelSpec(checkpoint=checkpoint, base_model=base_model, device=device, dtype=dtype, rope=rope,
+                         image_size=image_size, max_length=max_length, engine=engine or EngineConfig(),
+                         backbone_options=backbone_options)
         ckpt_dir = resolve_dir(checkpoint, what="checkpoint", allow_patterns=CHECKPOINT_FILES, revision=revision)
         meta = read_multitap_config(ckpt_dir)
         where = f"checkpoint {os.fspath(checkpoint)!r}"
-        image_size, max_length = _settings(meta, image_size, max_length, where)
         base = base_model or meta.get("base_model") or KNOWN_CHECKPOINTS.get(os.fspath(checkpoint))
         if base is None:
             raise CheckpointError(_no_base_model_message(ckpt_dir, os.fspath(checkpoint)))
@@ -314,11 +329,9 @@ class MultiTapModel(nn.Module):
         # 2. Backbone (class from the base model's config, weights from the checkpoint, strictly),
         #    tokenizer, image processor and chat template from the base model.
         backbone_sd, head_sd = split_checkpoint(read_state_dict(ckpt_dir), where)
-        backbone, backbone_sd = _load_backbone(
-            base_dir, base, backbone_sd, where, dev, dt, rope=rope or meta.get("rope", "reference"),
-            image_size=image_size, max_length=max_length,
-            backbone_options=meta.get("backbone_options") if backbone_options is None else backbone_options,
-        )
+        backbone, backbone_sd = _load_backbone(base_dir, base, backbone_sd, where, dev, dt, meta=meta, rope=rope,
+                                               image_size=image_size, max_length=max_length,
+                                               backbone_options=backbone_options)
         fingerprint = checkpoint_fingerprint(backbone_sd, head_sd)  # cheap: tensors already in memory
         del backbone_sd
 
@@ -335,10 +348,31 @@ class MultiTapModel(nn.Module):
 
         info = {"checkpoint": os.fspath(checkpoint), "base_model": os.fspath(base), "family": backbone.family,
                 "checkpoint_dir": str(ckpt_dir), "fingerprint": fingerprint}
-        model = cls(backbone, head, engine=engine, info=info).eval()
-        model.matmul_precision = matmul_precision(dtype)
+        model = cls(backbone, head, engine=spec.engine, info=info, spec=spec).eval()
         if heads is not None:
             model.load_heads(heads, trust_legacy=trust_legacy_heads)
+        return model
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> MultiTapModel:
+        """Load the model ``spec`` describes (its heads too, also heads attached as an object)."""
+        if not isinstance(spec, ModelSpec):
+            raise ConfigError(f"expected a ModelSpec, got {type(spec).__name__}")
+        if spec.checkpoint is None:
+            raise ConfigError(
+                "this spec comes from an in-memory MultiTapModel that has no checkpoint (e.g. from_base_model, "
+                "trained here), and this process cannot see that model; save it with model.save_pretrained(dir) "
+                "and use dir"
+            )
+        model = cls.from_pretrained(spec.checkpoint, spec.base_model, heads=spec.heads, device=spec.device,
+                                    dtype=spec.dtype, rope=spec.rope, max_length=spec.max_length,
+                                    image_size=spec.image_size, engine=spec.engine,
+                                    backbone_options=None if spec.backbone_options is None else
+                                    dict(spec.backbone_options))
+        if spec.heads_state is not None:
+            from .heads import RidgeHeads
+
+            model.load_heads(RidgeHeads.from_bytes(spec.heads_state))
         return model
 
     @classmethod
@@ -348,9 +382,9 @@ class MultiTapModel(nn.Module):
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        rope: str = "reference",
-        max_length: int | None | str = "auto",
-        image_size: int | None = 560,
+        rope: str | None = None,
+        max_length: int | None | str = AUTO,
+        image_size: int | None | str = AUTO,
         engine: EngineConfig | None = None,
         revision: str | None = None,
         seed: int = 0,
@@ -371,7 +405,7 @@ class MultiTapModel(nn.Module):
         dt = resolve_dtype(dtype, dev)
         backbone, _ = _load_backbone(
             base_dir, base_model, read_state_dict(base_dir), f"base model {os.fspath(base_model)!r}", dev, dt,
-            rope=rope, image_size=image_size, max_length=max_length, backbone_options=backbone_options,
+            meta={}, rope=rope, image_size=image_size, max_length=max_length, backbone_options=backbone_options,
         )
 
         # 2. Fresh reward head (float32), seeded.
@@ -385,9 +419,9 @@ class MultiTapModel(nn.Module):
         local = Path(os.fspath(base_model)).expanduser()
         name = str(local.resolve()) if local.is_dir() else os.fspath(base_model)
         info = {"checkpoint": None, "base_model": name, "family": backbone.family, "checkpoint_dir": None}
-        model = cls(backbone, head, engine=engine, info=info).eval()
-        model.matmul_precision = matmul_precision(dtype)
-        return model
+        spec = ModelSpec(base_model=name, device=device, dtype=dtype, rope=rope, image_size=image_size,
+                         max_length=max_length, engine=engine or EngineConfig(), backbone_options=backbone_options)
+        return cls(backbone, head, engine=spec.engine, info=info, spec=spec).eval()
 
     def save_pretrained(
         self,
@@ -444,11 +478,8 @@ class MultiTapModel(nn.Module):
             "layout": layout,
             "family": type(self.backbone).family,
             "base_model": self.info.get("base_model"),
-            "rope": getattr(self.backbone, "rope", "reference"),
-            "image_size": getattr(self.backbone, "image_size", None),
-            "max_length": getattr(self.backbone, "max_length", None),
+            **self.backbone.settings.as_dict(),
             "hidden_size": self.hidden_size,
-            "backbone_options": self.backbone.options(),
             **(extra_metadata or {}),
         }
         (path / "multitap_config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -469,12 +500,10 @@ class MultiTapModel(nn.Module):
 
         heads = path if isinstance(path, RidgeHeads) else RidgeHeads.load(path, trust_legacy=trust_legacy)
         where = "heads" if isinstance(path, RidgeHeads) else f"heads {os.fspath(path)!r}"
-        settings = {k: getattr(self.backbone, k, None) for k in ("rope", "image_size", "max_length")}
-        settings["backbone_options"] = self.backbone.options() or None
         heads.check_compatible(self.hidden_size, self.info.get("fingerprint"), where=where, strict=strict,
-                               settings=settings)
+                               settings=self.backbone.settings.as_dict())
         self.heads = heads
-        self.info["heads"] = None if isinstance(path, RidgeHeads) else os.fspath(path)
+        self.spec = self.spec.replace(heads=None if isinstance(path, RidgeHeads) else os.fspath(path))
 
     # -- scoring ---------------------------------------------------------------------------------
     @property
@@ -498,13 +527,19 @@ class MultiTapModel(nn.Module):
         return tf32_matmuls(self.matmul_precision == "tf32" and self.device.type == "cuda")
 
     def forward(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None) -> torch.Tensor:
-        """Stage-1 score (N,) on the model's device, differentiable when grads are enabled."""
+        """Stage-1 reward logits (N,) float32 on the model's device, differentiable when grads are
+        enabled: the training forward. ``sigmoid`` of them is ``score(...).overall``; both run
+        under this model's matmul precision."""
         with self._matmuls():
-            h = self.engine.features(images, texts, questions)
-            return self.overall_from_features(h)
+            return self.logits_from_features(self.engine.features(images, texts, questions))
+
+    def logits_from_features(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, H) features -> (N,) float32 reward logits (the head runs in float32)."""
+        return self.reward_head(h.to(self.device, torch.float32)).squeeze(-1)
 
     def overall_from_features(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.reward_head(h.to(self.device, torch.float32)).squeeze(-1))
+        """(N, H) features -> (N,) stage-1 scores in (0, 1)."""
+        return torch.sigmoid(self.logits_from_features(h))
 
     @torch.inference_mode()
     def features(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None) -> torch.Tensor:
@@ -514,16 +549,15 @@ class MultiTapModel(nn.Module):
 
     @torch.inference_mode()
     def score(self, images: Sequence, texts: Sequence[str], questions: Sequence | None = None, *,
-              on_error: str = "raise") -> ScoreOutput:
+              on_invalid: str = "raise") -> ScoreOutput:
         """Score N samples; ``questions=None`` is the caption task, else the instruction task.
 
-        ``on_error="raise"`` (default): the first bad sample raises a :class:`SampleError` naming it.
+        ``on_invalid="raise"`` (default): the first bad sample raises a :class:`SampleError` naming it.
         ``"skip"``: every bad sample is left out and reported in ``ScoreOutput.errors`` (its values
         are NaN, ``valid`` False); the others are scored exactly as alone. A score that is not
         finite is never returned: it is such an error too."""
-        if on_error not in ON_ERROR:
-            raise ConfigError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        errors: dict[int, SampleError] | None = {} if on_error == "skip" else None
+        check_on_invalid(on_invalid, ON_INVALID, allow_float=False)
+        errors: dict[int, SampleError] | None = {} if on_invalid == "skip" else None
         with self._matmuls():
             h = self.engine.features(images, texts, questions, errors=errors)
             return self.score_features(h, errors=errors)
@@ -548,19 +582,17 @@ class MultiTapModel(nn.Module):
                 fail(i, "features")
         # 2. Stage-1 and stage-2 scores of the rows left.
         keep = torch.tensor([i for i in range(n) if i not in skip], dtype=torch.long)
-        overall = torch.full((n,), float("nan"))
-        names = self.heads.names if self.heads is not None else ()
-        dims = {name: torch.full((n,), float("nan")) for name in names}
+        scores = {name: torch.full((n,), float("nan")) for name in self.dimension_names}
         if keep.numel():
             hk = h[keep.to(h.device)]
-            overall[keep] = self.overall_from_features(hk).float().cpu()
+            scores["overall"][keep] = self.overall_from_features(hk).float().cpu()
             if self.heads is not None:
                 for name, v in self.heads.predict(hk.float().cpu()).items():
-                    dims[name][keep] = v
+                    scores[name][keep] = v
         for i in keep.tolist():
-            bad = [k for k, v in {"overall": overall, **dims}.items() if not bool(torch.isfinite(v[i]))]
+            bad = [k for k, v in scores.items() if not bool(torch.isfinite(v[i]))]
             if bad:
                 fail(i, str(bad))
-        for v in (overall, *dims.values()):
+        for v in scores.values():
             v[list(skip)] = float("nan")
-        return ScoreOutput(overall=overall, dims=dims, errors=dict(sorted(skip.items())))
+        return ScoreOutput(scores=scores, errors=dict(sorted(skip.items())))

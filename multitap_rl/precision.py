@@ -131,9 +131,7 @@ def _scores(load, precision: str, images, texts, questions, batch_size: int) -> 
         for s in range(0, len(texts), batch_size):
             q = None if questions is None else questions[s:s + batch_size]
             parts.append(model.score(images[s:s + batch_size], texts[s:s + batch_size], q))
-        dims = {"overall": torch.cat([p.overall for p in parts]).double()}
-        for name in parts[0].dims:
-            dims[name] = torch.cat([p.dims[name] for p in parts]).double()
+        dims = {name: torch.cat([p.scores[name] for p in parts]).double() for name in parts[0].scores}
         device = str(model.device)
     finally:
         del model

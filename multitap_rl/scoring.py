@@ -42,8 +42,11 @@ __all__ = ["EngineConfig", "FeatureEngine", "Request", "validate_batch"]
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
+    """How the engine batches (never what it computes): frozen, so it can sit in a hashable
+    :class:`~multitap_rl.spec.ModelSpec`."""
+
     max_batch_tokens: int = 8192  # cap on B * (cached + new tokens) per language-model call
     max_batch_patches: int = 16384  # cap on vision-tower patches per call
     max_images_per_chunk: int = 64  # distinct images prepared at once: bounds a call's memory

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from .errors import ConfigError, MissingDependencyError
+from .errors import ConfigError, require
 
 __all__ = ["SHARDINGS", "gathered", "is_sharded", "local_numel", "shard_zero3"]
 
@@ -43,11 +43,7 @@ def check_shard(shard) -> str | None:
 
 
 def _deepspeed():
-    try:
-        import deepspeed
-    except ImportError:
-        raise MissingDependencyError("shard='zero3' needs DeepSpeed: pip install deepspeed") from None
-    return deepspeed
+    return require("deepspeed", "train", "shard='zero3'")
 
 
 def is_sharded(module: torch.nn.Module) -> bool:

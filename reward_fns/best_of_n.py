@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from multitap_rl.errors import ConfigError, DataError, SampleError
+from multitap_rl.errors import ConfigError, DataError
 
 from .core import RewardCore
 
@@ -26,33 +25,26 @@ class RankedCandidate:
     error: str | None = None
 
 
-def rerank(images: Sequence, candidates: Sequence[Sequence[str]], weights=None, *, model_or_path=None,
-           base_model=None, heads=None, questions: Sequence[str | None] | None = None, normalize: str = "none",
-           gates: Sequence = (), device=None, dtype=None, on_invalid="raise", model=None,
-           image_size="auto", max_length="auto") -> list[list[RankedCandidate]]:
+def rerank(model_or_spec, images: Sequence, candidates: Sequence[Sequence[str]], *, weights=None,
+           questions: Sequence[str | None] | None = None, base_model=None, heads=None, normalize: str = "none",
+           gates: Sequence = (), on_invalid="raise") -> list[list[RankedCandidate]]:
     """Rank each image's candidate texts, best first.
 
     Args:
+        model_or_spec: a ``MultiTapModel``, a :class:`~multitap_rl.ModelSpec`, or a checkpoint
+            (directory or hub id; then ``base_model``/``heads``).
         images: M images (any form ``MultiTapModel.score`` accepts).
         candidates: M lists of candidate texts (captions, or responses with ``questions``).
         weights: over ``overall`` and head dimensions (see :class:`multitap_rl.combiner.Weights`).
-        model_or_path: a ``MultiTapModel`` or a checkpoint (directory or hub id; then
-            ``base_model``/``heads``). ``model=`` is its deprecated alias.
         questions: M questions for the instruction task, or None for captions.
         normalize: "none" or "fixed" (z-scores with the heads' statistics).
         on_invalid: ``"raise"`` (default: a bad image or candidate raises, naming image and
-            candidate) or ``"none"`` (it is ranked last with ``reward=None`` and its ``error``).
+            candidate) or ``"skip"`` (it is ranked last with ``reward=None`` and its ``error``).
     Returns:
         M lists of :class:`RankedCandidate`, sorted by reward (ties keep input order). All M x N
         pairs are scored in one batched call (each image is encoded once).
     """
-    if model is not None:
-        if model_or_path is not None:
-            raise ConfigError("pass model_or_path (model= is its deprecated alias), not both")
-        warnings.warn("rerank(model=...) is renamed model_or_path=", DeprecationWarning, stacklevel=2)
-        model_or_path = model
-    if model_or_path is None:
-        raise ConfigError("rerank needs model_or_path (a MultiTapModel or a checkpoint)")
+    # 1. Arguments (weights included) before the model loads.
     if normalize not in ("none", "fixed"):
         raise ConfigError("rerank supports normalize='none' or 'fixed' (running statistics need a stream)")
     for name, seq in (("images", images), ("candidates", candidates)):
@@ -62,11 +54,10 @@ def rerank(images: Sequence, candidates: Sequence[Sequence[str]], weights=None, 
         raise DataError(f"got {len(images)} images but {len(candidates)} candidate lists; pass one list per image")
     if questions is not None and len(questions) != len(images):
         raise DataError(f"got {len(questions)} questions for {len(images)} images")
-    core = RewardCore(model_or_path, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
-                      gates=gates, device=device, dtype=dtype, image_size=image_size, max_length=max_length,
-                      on_invalid=on_invalid, invalid_options=("raise", "none"))
+    core = RewardCore(model_or_spec, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
+                      gates=gates, on_invalid=on_invalid, invalid_options=("raise", "skip"))
 
-    # 1. Flatten to M x N pairs (each image object repeated: the engine encodes it once).
+    # 2. Flatten to M x N pairs (each image object repeated: the engine encodes it once).
     flat_images, flat_texts, flat_q, owner = [], [], [], []
     for i, (image, cands) in enumerate(zip(images, candidates)):
         if isinstance(cands, (str, bytes)) or not isinstance(cands, Sequence):
@@ -80,23 +71,17 @@ def rerank(images: Sequence, candidates: Sequence[Sequence[str]], weights=None, 
     if not flat_texts:
         return ranked
 
-    # 2. One batched call; errors named by image and candidate.
-    try:
-        out = core.score(flat_images, flat_texts, None if questions is None else flat_q)
-    except SampleError as exc:
-        i, j = owner[exc.index]
-        raise exc.at(i, unit="image", detail=f", candidate {j}") from exc
-    combined, idx = core.combine({"overall": out.overall, **out.dims}, out.valid)
-    reward = {int(k): float(r) for k, r in zip(idx, combined.reward.tolist())}
+    # 3. One core call; errors named by image and candidate.
+    out = core.evaluate(flat_images, flat_texts, None if questions is None else flat_q,
+                        name=lambda k: (owner[k][0], "image", f", candidate {owner[k][1]}"))
+    reward = out.reward.tolist()
     for k, (i, j) in enumerate(owner):
         text = flat_texts[k] if isinstance(flat_texts[k], str) else repr(flat_texts[k])
         if k in out.errors:
             ranked[i].append(RankedCandidate(text=text, index=j, reward=None, error=out.errors[k].message))
             continue
-        ranked[i].append(RankedCandidate(
-            text=text, index=j, reward=reward[k],
-            dims={name: float(v[k]) for name, v in {"overall": out.overall, **out.dims}.items()},
-        ))
+        ranked[i].append(RankedCandidate(text=text, index=j, reward=reward[k],
+                                         dims={name: float(v[k]) for name, v in out.scores.items()}))
     for lst in ranked:
         lst.sort(key=lambda c: (c.reward is None, -(c.reward or 0.0), c.index))
     return ranked

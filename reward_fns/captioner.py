@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Sequence
 
-from multitap_rl.errors import ConfigError, DataError, MissingDependencyError
+from multitap_rl.errors import ConfigError, DataError, require
 
 __all__ = ["CAPTION_PROMPT", "build_captioner_trainer", "captioning_dataset"]
 
@@ -59,10 +59,7 @@ def build_captioner_trainer(policy, reward_funcs, dataset, *, trainer: str = "gr
 
     if trainer not in ("grpo", "rloo"):
         raise ConfigError(f"trainer must be 'grpo' or 'rloo', got {trainer!r}")
-    try:
-        import trl
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise MissingDependencyError("TRL is needed for RL training: pip install 'multitap-rl[trl]'") from None
+    trl = require("trl", "trl", "RL training")
     on_gpu = torch.cuda.is_available()
     # DeepSpeed launched without GPUs (CPU processes): accelerate must not be told "cpu" (it would
     # fall back to plain DDP) and needs the gloo backend named, or it counts one process only.

@@ -123,57 +123,42 @@ class DDPOReward(CoreReward):
         prompts = check_prompts(prompts)
         batch = split_images(images, n=len(prompts))
         _check_metadata(metadata, len(prompts))
-        # 2. One batched forward (caption layout: the prompt is the caption), then the weighting
-        #    (also with an empty batch: running statistics are shared across ranks).
-        n = len(prompts)
-        if n or self.core.spec.shard is not None:  # a sharded model's gather is collective: always take part
-            out = self.core.score(batch, prompts)
-            self.core.note_invalid(out.errors, "image")
-            dims, valid = {"overall": out.overall, **out.dims}, out.valid
-        else:
-            dims, valid = {k: torch.zeros(0) for k in self.dimension_names}, None
-        combined, idx = self.core.combine(dims, valid)
-        fill = self.core.on_invalid if isinstance(self.core.on_invalid, float) else 0.0  # "raise": none invalid
-        rewards = torch.full((n,), fill, dtype=torch.float32)
-        rewards[idx] = combined.reward.detach().float().cpu()
-        info: dict = {name: values.detach().float().cpu() for name, values in dims.items()}
-        if self.core.combiner.gates:
-            info["gated"] = torch.zeros(n, dtype=torch.bool)
-            info["gated"][idx] = combined.gated.cpu()
-        if valid is not None and not bool(valid.all()):
-            info["valid"] = valid
-        logger.debug("%s: mean reward %.4f over %d images", self.__name__, float(rewards.mean()) if n else 0.0, n)
+        # 2. One core call (caption layout: the prompt is the caption).
+        out = self.core.evaluate(batch, prompts)
+        info: dict = dict(out.scores)
+        if out.gated is not None:
+            info["gated"] = out.gated
+        if out.errors:
+            info["valid"] = out.valid
+        rewards = out.tensor()
+        logger.debug("%s: mean reward %.4f over %d images", self.__name__, float(rewards.mean()) if len(out) else 0.0,
+                     len(out))
         return rewards, info
 
 
-def ddpo_reward(model_or_path, base_model=None, heads=None, weights=None, *, normalize: str = "none",
-                gates: Sequence = (), momentum: float = 0.99, device=None, dtype=None, rope=None,
-                max_batch_tokens: int = 8192, offload: bool = False, name: str = "multitap", on_invalid="raise",
-                image_size="auto", max_length="auto", shard=None) -> DDPOReward:
+def ddpo_reward(model_or_spec, weights=None, *, base_model=None, heads=None, normalize: str = "none",
+                gates: Sequence = (), momentum: float = 0.99, on_invalid="raise", name: str = "multitap") -> DDPOReward:
     """A DDPO reward function: ``(images, prompts, metadata) -> (rewards, info)``.
 
     Args:
-        model_or_path: a loaded ``MultiTapModel``, or a MULTI-TAP checkpoint (directory or hub id)
-            loaded lazily, once per process, on that process's device (bf16 on GPU).
-        base_model, heads: as for ``MultiTapModel.from_pretrained``.
+        model_or_spec: a loaded ``MultiTapModel``, a :class:`~multitap_rl.ModelSpec`, or a MULTI-TAP
+            checkpoint (directory or hub id) loaded lazily, once per process, on that process's
+            device (bf16 on GPU).
         weights: over ``overall`` and the heads' dimensions (dict, ``"overall=1,clarity=0.5"``, YAML
             path or preset name); default ``overall=1``. Unknown names raise ``ConfigError`` here.
+        base_model, heads: beside a checkpoint path.
         normalize: "none" | "fixed" (z-score with the heads' stored statistics) | "running" (EMA
             with ``momentum``, shared across ranks).
         gates: e.g. ``["safety<0.5:cap=0"]``.
-        offload: keep the reward model on CPU between calls (frees accelerator memory).
-        shard: ``"zero3"``: partition the reward model over the ranks (see :func:`reward_fns.trl.multitap_reward`).
-        name: the callable's ``__name__``.
         on_invalid: ``"raise"`` (default: an image that cannot be scored fails the call, naming it)
             or a float given to such images (their ``info`` values are NaN and ``info["valid"]``
-            marks them). A DDPO reward is a tensor, so ``"none"`` is not offered.
+            marks them). A DDPO reward is a tensor, so ``"skip"`` is not offered.
+        name: the callable's ``__name__``.
 
     Example (TRL 0.22.2)::
 
         trainer = DDPOTrainer(DDPOConfig(...), ddpo_reward(ckpt, weights="overall=1"), prompt_fn, sd_pipeline)
     """
-    core = RewardCore(model_or_path, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
-                      gates=gates, momentum=momentum, device=device, dtype=dtype, rope=rope,
-                      max_batch_tokens=max_batch_tokens, offload=offload, image_size=image_size,
-                      max_length=max_length, on_invalid=on_invalid, invalid_options=("raise",), shard=shard)
+    core = RewardCore(model_or_spec, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
+                      gates=gates, momentum=momentum, on_invalid=on_invalid, invalid_options=("raise",))
     return DDPOReward(core, name=name)

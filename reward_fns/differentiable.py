@@ -56,23 +56,24 @@ class DifferentiableReward(CoreReward):
         return combined.reward.to(images.device), info
 
 
-def differentiable_reward(model_or_path, base_model=None, heads=None, weights=None, *, normalize: str = "none",
-                          gates: Sequence = (), momentum: float = 0.99, device=None, dtype=None, rope=None,
-                          max_batch_tokens: int = 8192, name: str = "multitap", image_size="auto",
-                          max_length="auto") -> DifferentiableReward:
+def differentiable_reward(model_or_spec, weights=None, *, base_model=None, heads=None, normalize: str = "none",
+                          gates: Sequence = (), momentum: float = 0.99,
+                          name: str = "multitap") -> DifferentiableReward:
     """A differentiable reward function: ``(images, prompts, metadata) -> (rewards, info)``.
 
-    Arguments as for :func:`reward_fns.ddpo_reward` (no ``offload``: the backward pass needs the
-    model where the graph was built; no ``on_invalid``: a batch of pixels is checked whole, and a
-    bad one raises naming the image). ``images`` must be a (B, 3, H, W) float tensor in [0, 1];
-    the returned ``rewards`` (B,) float32 live on its device and carry gradients to it.
+    Arguments as for :func:`reward_fns.ddpo_reward` (no ``on_invalid``: a batch of pixels is
+    checked whole, and a bad one raises naming the image; a spec's ``offload`` is refused: the
+    backward pass needs the model where the graph was built). ``images`` must be a (B, 3, H, W)
+    float tensor in [0, 1]; the returned ``rewards`` (B,) float32 live on its device and carry
+    gradients to it.
 
     Example (TRL 0.22.2)::
 
         trainer = AlignPropTrainer(AlignPropConfig(...), differentiable_reward(ckpt), prompt_fn, sd_pipeline)
     """
-    core = RewardCore(model_or_path, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
-                      gates=gates, momentum=momentum, device=device, dtype=dtype, rope=rope,
-                      max_batch_tokens=max_batch_tokens, offload=False, image_size=image_size,
-                      max_length=max_length, on_invalid="raise", invalid_options=("raise",))
+    core = RewardCore(model_or_spec, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
+                      gates=gates, momentum=momentum, on_invalid="raise", invalid_options=("raise",))
+    if core.spec.offload or core.spec.shard is not None:
+        raise ConfigError("a differentiable reward keeps its model in place for the backward pass: use a spec without "
+                          "offload and shard")
     return DifferentiableReward(core, name=name)

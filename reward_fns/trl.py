@@ -28,7 +28,7 @@ import torch
 
 from multitap_rl.errors import ConfigError, DataError, SampleError
 
-from .core import CoreReward, RewardCore
+from .core import CoreReward, RewardBatch, RewardCore, StepCache
 
 __all__ = [
     "MultiTapObjectiveReward",
@@ -112,10 +112,11 @@ class _Several:
 
 
 class _TRLReward(CoreReward):
-    """Shared plumbing of the TRL callables: a :class:`RewardCore`, TRL input parsing, per-sample
-    isolation (``on_invalid``) and empty completions (``empty_reward``)."""
+    """Shared plumbing of the TRL callables: a :class:`RewardCore`, TRL input parsing, and empty
+    completions (``empty_reward``)."""
 
-    def __init__(self, core: RewardCore, task: str, empty_reward: float | None, name: str):
+    def __init__(self, core: RewardCore, task: str, empty_reward: float | None, name: str,
+                 cache: StepCache | None = None, member: int = 0):
         if task not in TASKS:
             raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
         if empty_reward is not None and (isinstance(empty_reward, bool) or not isinstance(empty_reward, (int, float))
@@ -123,10 +124,18 @@ class _TRLReward(CoreReward):
             raise ConfigError(f"empty_reward must be a finite number or None, got {empty_reward!r}")
         super().__init__(core, name)
         self.task, self.empty_reward = task, empty_reward
+        self._cache, self._member = cache, member
 
-    def _score(self, prompts, completions, kwargs):
-        """(ScoreOutput over the scored completions or None, their indices, indices with empty text,
-        invalid completion -> SampleError named by completion index)."""
+    def _evaluate(self, prompts, completions, kwargs) -> tuple[RewardBatch, list[int]]:
+        """(the core's RewardBatch over every completion, indices of completions with empty text:
+        they are not scored and get ``empty_reward``)."""
+        if self._cache is None:
+            return self._evaluate_now(prompts, completions, kwargs)
+        inputs = (prompts, completions, kwargs.get("image"), kwargs.get("images"))
+        return self._cache.get(self._member, inputs, lambda: self._evaluate_now(prompts, completions, kwargs))
+
+    def _evaluate_now(self, prompts, completions, kwargs) -> tuple[RewardBatch, list[int]]:
+        # 1. TRL's inputs -> images, texts, questions; what cannot be read is that completion's problem.
         n = len(completions)
         if len(prompts) != n:
             raise DataError(f"got {len(prompts)} prompts for {n} completions")
@@ -137,16 +146,15 @@ class _TRLReward(CoreReward):
             try:
                 texts.append(completion_text(c))
             except TypeError as exc:
-                invalid[i] = SampleError(i, "text", str(exc), unit="completion")
+                invalid[i] = SampleError(i, "text", str(exc))
                 texts.append(None)
         for i, img in enumerate(images):
             if i in invalid:
                 continue
             if img is None:
-                invalid[i] = SampleError(i, "image", "missing (no image reached the reward)", unit="completion")
+                invalid[i] = SampleError(i, "image", "missing (no image reached the reward)")
             elif isinstance(img, _Several):
-                invalid[i] = SampleError(i, "image", f"{img.n} images; MULTI-TAP scores one image per sample",
-                                         unit="completion")
+                invalid[i] = SampleError(i, "image", f"{img.n} images; MULTI-TAP scores one image per sample")
         questions = None
         if self.task == "instruction":
             questions = []
@@ -155,32 +163,16 @@ class _TRLReward(CoreReward):
                     questions.append(prompt_question(p))
                 except TypeError as exc:
                     questions.append(None)
-                    invalid.setdefault(i, SampleError(i, "question", str(exc), unit="completion"))
+                    invalid.setdefault(i, SampleError(i, "question", str(exc)))
+        # 2. Empty completions are set aside (empty_reward); everything else is one core call.
         empty = [i for i in range(n) if i not in invalid and not texts[i].strip()]
-        keep = [i for i in range(n) if i not in invalid and i not in empty]
-        if invalid and self.core.on_invalid == "raise":
-            raise invalid[min(invalid)]
-        out = None
-        if keep or self.core.spec.shard is not None:  # a sharded model's gather is collective: always take part
-            qs = None if questions is None else [questions[i] for i in keep]
-            try:
-                out = self.core.score([images[i] for i in keep], [texts[i] for i in keep], qs)
-            except SampleError as exc:  # on_invalid="raise": name the completion, not the batch index
-                raise exc.at(keep[exc.index], unit="completion") from exc
-            for j, exc in out.errors.items():
-                invalid[keep[j]] = exc.at(keep[j], unit="completion")
-        return out, keep, empty, invalid
+        batch = self.core.evaluate(images, texts, questions, unit="completion", invalid=invalid, aside=empty)
+        return batch, empty
 
-    def _fill(self, n: int, keep: list[int], values, empty: list[int], invalid) -> list[float | None]:
-        out: list[float | None] = [None] * n
-        if values is not None:
-            for i, v in zip(keep, values):
-                out[i] = v
+    def _values(self, batch: RewardBatch, empty: list[int], name: str | None = None) -> list[float | None]:
+        out = batch.values(name)
         for i in empty:
             out[i] = self.empty_reward
-        bad = self.core.invalid_value()
-        for i in invalid:
-            out[i] = bad
         return out
 
 
@@ -193,97 +185,79 @@ class MultiTapReward(_TRLReward):
         self.log_dims = log_dims
 
     def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
-        n = len(completions)
-        out, keep, empty, invalid = self._score(prompts, completions, kwargs)
-        self.core.note_invalid({i: e for i, e in invalid.items()}, "completion")
-        # combine on every call, also with nothing valid: running statistics are shared across ranks
-        dims = {k: torch.zeros(0) for k in self.core.dimension_names} if out is None else \
-            {"overall": out.overall, **out.dims}
-        valid = None if out is None else out.valid
-        combined, idx = self.core.combine(dims, valid)
-        scored = [keep[int(j)] for j in idx]
+        batch, empty = self._evaluate(prompts, completions, kwargs)
+        scored = batch.valid
         log_metric = kwargs.get("log_metric")
         if callable(log_metric):
-            log_metric(f"{self.__name__}/invalid", float(len(invalid)))
+            log_metric(f"{self.__name__}/invalid", float(len(batch.errors)))
         if self.log_dims:
-            if callable(log_metric) and len(scored):
-                for name, values in combined.dims.items():
-                    log_metric(f"{self.__name__}/{name}", float(values.mean()))
-                if combined.gated is not None:
-                    log_metric(f"{self.__name__}/gated_frac", float(combined.gated.float().mean()))
+            if callable(log_metric) and bool(scored.any()):
+                for name, values in batch.scores.items():
+                    log_metric(f"{self.__name__}/{name}", float(values[scored].mean()))
+                if batch.gated is not None:
+                    log_metric(f"{self.__name__}/gated_frac", float(batch.gated[scored].float().mean()))
             log_extra = kwargs.get("log_extra")
             if callable(log_extra):
-                for name, values in combined.dims.items():
-                    log_extra(f"{self.__name__}_{name}", self._fill(n, scored, values.tolist(), [], {}))
-        return self._fill(n, scored, combined.reward.tolist(), empty, invalid)
+                for name, values in batch.scores.items():
+                    log_extra(f"{self.__name__}_{name}", [v if ok else None for v, ok in
+                                                         zip(values.tolist(), scored.tolist())])
+        return self._values(batch, empty)
 
 
 class MultiTapObjectiveReward(_TRLReward):
-    """One MULTI-TAP dimension as a TRL reward function, named ``multitap_<dim>``."""
+    """One MULTI-TAP dimension as a TRL reward function, named ``multitap_<dim>``; the callables
+    made together share one forward per batch (:class:`~reward_fns.core.StepCache`)."""
 
     def __init__(self, core: RewardCore, dim: str, *, task: str = "caption", empty_reward: float | None = None,
-                 prefix: str = "multitap_"):
+                 prefix: str = "multitap_", cache: StepCache | None = None, member: int = 0):
         if dim not in core.dimension_names:
             raise ConfigError(f"unknown dimension {dim!r}; valid names: {list(core.dimension_names)}")
-        super().__init__(core, task, empty_reward, f"{prefix}{dim}")
+        super().__init__(core, task, empty_reward, f"{prefix}{dim}", cache, member)
         self.dim = dim
 
     def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
-        out, keep, empty, invalid = self._score(prompts, completions, kwargs)
-        self.core.note_invalid(invalid, "completion")
-        values = None
-        if out is not None:
-            col = out.overall if self.dim == "overall" else out.dims[self.dim]
-            values = [None if j in out.errors else float(col[j]) for j in range(len(keep))]
-        return self._fill(len(completions), keep, values, empty, invalid)
+        batch, empty = self._evaluate(prompts, completions, kwargs)
+        return self._values(batch, empty, self.dim)
 
 
-def multitap_reward(model_or_path, base_model=None, heads=None, weights=None, *, normalize: str = "none",
-                    gates: Sequence = (), momentum: float = 0.99, task: str = "caption", device=None, dtype=None,
-                    rope=None, max_batch_tokens: int = 8192, offload: bool = False, name: str = "multitap",
-                    empty_reward: float | None = None, on_invalid="none", log_dims: bool = True,
-                    image_size="auto", max_length="auto", shard=None) -> MultiTapReward:
+def multitap_reward(model_or_spec, weights=None, *, base_model=None, heads=None, normalize: str = "none",
+                    gates: Sequence = (), momentum: float = 0.99, task: str = "caption", on_invalid="skip",
+                    empty_reward: float | None = None, name: str = "multitap",
+                    log_dims: bool = True) -> MultiTapReward:
     """A TRL reward function: ``(prompts, completions, **kwargs) -> list[float | None]``.
 
     Args:
-        model_or_path: a loaded ``MultiTapModel``, or a MULTI-TAP checkpoint (directory or hub id)
-            loaded lazily, once per process, on that process's device.
-        base_model, heads: as for ``MultiTapModel.from_pretrained``.
+        model_or_spec: a loaded ``MultiTapModel``, a :class:`~multitap_rl.ModelSpec` (device,
+            dtype, engine limits, offload, ``shard="zero3"``, ...), or a MULTI-TAP checkpoint
+            (directory or hub id) loaded lazily, once per process, on that process's device.
         weights: over ``overall`` and the heads' dimensions (dict, ``"safety=2,clarity=1"``, YAML
             path or preset name); default ``overall=1``. Unknown names raise ``ConfigError`` listing
             the valid ones -- here, not at the first training step.
+        base_model, heads: beside a checkpoint path (as for ``MultiTapModel.from_pretrained``).
         normalize: "none" | "fixed" (z-score with the heads' stored statistics) | "running" (EMA,
             with ``momentum``; shared across ranks under torch.distributed).
         gates: e.g. ``["safety<0.5:cap=0"]``.
         task: "caption" (completion = caption) or "instruction" (question = the prompt's last user
             text, completion = response).
-        offload: move the model to CPU between calls (frees accelerator memory for the policy).
+        on_invalid: reward of a completion that cannot be scored (no or bad image, a text the
+            prompt cannot hold): ``"skip"`` (default: ``None``, which TRL ignores), a float, or
+            ``"raise"``.
         empty_reward: reward for a completion with no text (default ``None``: TRL treats it as
             missing).
-        on_invalid: reward of a completion that cannot be scored (no or bad image, a text the
-            prompt cannot hold): ``"none"`` (default; TRL ignores it), a float, or ``"raise"``.
-        shard: ``"zero3"`` partitions the reward model over the ranks with DeepSpeed ZeRO-3 (each
-            rank holds 1/world of its weights between calls; gathered for each call). Needs a
-            distributed launch and a checkpoint path. See :mod:`multitap_rl.sharding`.
     """
-    core = RewardCore(model_or_path, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
-                      gates=gates, momentum=momentum, device=device, dtype=dtype, rope=rope,
-                      max_batch_tokens=max_batch_tokens, offload=offload, image_size=image_size,
-                      max_length=max_length, on_invalid=on_invalid, shard=shard)
+    core = RewardCore(model_or_spec, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
+                      gates=gates, momentum=momentum, on_invalid=on_invalid)
     return MultiTapReward(core, task=task, name=name, empty_reward=empty_reward, log_dims=log_dims)
 
 
-def multitap_objective_rewards(model_or_path, base_model=None, heads=None, dims: Sequence[str] | None = None, *,
-                               task: str = "caption", device=None, dtype=None, rope=None,
-                               max_batch_tokens: int = 8192, offload: bool = False,
-                               empty_reward: float | None = None, on_invalid="none", image_size="auto",
-                               max_length="auto", shard=None) -> list[MultiTapObjectiveReward]:
+def multitap_objective_rewards(model_or_spec, dims: Sequence[str] | None = None, *, base_model=None, heads=None,
+                               task: str = "caption", on_invalid="skip",
+                               empty_reward: float | None = None) -> list[MultiTapObjectiveReward]:
     """One TRL reward function per dimension (``overall`` and each head dimension, or ``dims``),
-    named ``multitap_<dim>``, sharing one model and one forward per batch. Pass them with
-    ``GRPOConfig(reward_weights=[...], multi_objective_aggregation=...)``."""
-    core = RewardCore(model_or_path, base_model=base_model, heads=heads, device=device, dtype=dtype, rope=rope,
-                      max_batch_tokens=max_batch_tokens, offload=offload, image_size=image_size,
-                      max_length=max_length, on_invalid=on_invalid, combine=False, shard=shard)
+    named ``multitap_<dim>``. The callables of one call share one model and one forward per batch.
+    Pass them with ``GRPOConfig(reward_weights=[...], multi_objective_aggregation=...)``. Other
+    arguments as :func:`multitap_reward`."""
+    core = RewardCore(model_or_spec, base_model=base_model, heads=heads, on_invalid=on_invalid, combine=False)
     names = core.dimension_names
     if isinstance(dims, str):
         raise ConfigError(f"dims must be a list of dimension names, got the string {dims!r}")
@@ -293,4 +267,6 @@ def multitap_objective_rewards(model_or_path, base_model=None, heads=None, dims:
         raise ConfigError(f"unknown dimension(s) {unknown}; valid names: {list(names)}")
     if len(set(chosen)) != len(chosen):
         raise ConfigError(f"dimensions repeat in {chosen}: TRL logs rewards by name")
-    return [MultiTapObjectiveReward(core, d, task=task, empty_reward=empty_reward) for d in chosen]
+    cache = StepCache(len(chosen))
+    return [MultiTapObjectiveReward(core, d, task=task, empty_reward=empty_reward, cache=cache, member=k)
+            for k, d in enumerate(chosen)]

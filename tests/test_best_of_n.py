@@ -8,14 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from multitap_rl import ModelSpec
 from multitap_rl.cli import main
+from multitap_rl.errors import ConfigError
 from reward_fns import MultiTapScorer, rerank
 
 CANDS = [["A red circle.", "Two dogs.", "A tree near a house.", "Blue."], ["Red.", "A big green square."]]
 
 
 def test_rerank_orders_by_reward_and_matches_score(tiny_model, images):
-    ranked = rerank(images[:2], CANDS, model_or_path=tiny_model)
+    ranked = rerank(tiny_model, images[:2], CANDS)
     assert [len(r) for r in ranked] == [4, 2]
     for img, cands, lst in zip(images[:2], CANDS, ranked):
         scores = tiny_model.score([img] * len(cands), cands).overall
@@ -26,20 +28,20 @@ def test_rerank_orders_by_reward_and_matches_score(tiny_model, images):
 
 
 def test_rerank_weights_gates_and_errors(tiny_model, images):
-    flipped = rerank(images[:1], CANDS[:1], {"overall": -1.0}, model_or_path=tiny_model)[0]
-    plain = rerank(images[:1], CANDS[:1], model_or_path=tiny_model)[0]
+    flipped = rerank(tiny_model, images[:1], CANDS[:1], weights={"overall": -1.0})[0]
+    plain = rerank(tiny_model, images[:1], CANDS[:1])[0]
     assert [c.index for c in flipped] == [c.index for c in reversed(plain)]
-    capped = rerank(images[:1], CANDS[:1], model_or_path=tiny_model, gates=["overall<2:cap=0.25"])[0]
+    capped = rerank(tiny_model, images[:1], CANDS[:1], gates=["overall<2:cap=0.25"])[0]
     assert all(c.reward == 0.25 for c in capped)
     with pytest.raises(ValueError, match="unknown dimension"):
-        rerank(images[:1], CANDS[:1], "safety=1", model_or_path=tiny_model)
+        rerank(tiny_model, images[:1], CANDS[:1], weights="safety=1")
     with pytest.raises(ValueError, match="image 1, candidate 1: text: empty text"):
-        rerank(images[:2], [["a"], ["b", " "]], model_or_path=tiny_model)
+        rerank(tiny_model, images[:2], [["a"], ["b", " "]])
     with pytest.raises(ValueError, match="2 images but 1 candidate lists"):
-        rerank(images[:2], [["a"]], model_or_path=tiny_model)
+        rerank(tiny_model, images[:2], [["a"]])
     with pytest.raises(ValueError, match=r"image 1, candidate 0: image: missing"):
-        rerank([images[0], None], [["a"], ["b"]], model_or_path=tiny_model)
-    assert rerank(images[:1], [[]], model_or_path=tiny_model) == [[]]
+        rerank(tiny_model, [images[0], None], [["a"], ["b"]])
+    assert rerank(tiny_model, images[:1], [[]]) == [[]]
 
 
 def test_ppo_scorer(tiny_model, tiny_dirs, images):
@@ -48,9 +50,9 @@ def test_ppo_scorer(tiny_model, tiny_dirs, images):
     assert got.shape == (2,) and got.dtype == torch.float32
     assert torch.allclose(got, 2 * tiny_model.score(images[:2], ["A red circle.", "Two dogs."]).overall, atol=1e-6)
     full = scorer.score(images[:2], ["A red circle.", "Two dogs."])
-    assert set(full.dims) == {"overall"}
+    assert set(full.scores) == {"overall"} and torch.equal(full.reward, got)
     base, reward = tiny_dirs
-    lazy = MultiTapScorer(reward, base_model=base, device="cpu")
+    lazy = MultiTapScorer(ModelSpec(checkpoint=reward, base_model=base, device="cpu"))
     assert torch.allclose(pickle.loads(pickle.dumps(lazy))(images[:1], ["A."]),
                           tiny_model.score(images[:1], ["A."]).overall, atol=1e-6)
 
@@ -78,8 +80,19 @@ def test_best_of_n_example(monkeypatch):
     assert all(r[0].reward >= r[-1].reward for r in ranked)
 
 
-def test_rerank_model_keyword_is_a_deprecated_alias(tiny_model, images):
-    with pytest.warns(DeprecationWarning, match="model_or_path"):
-        old = rerank(images[:1], CANDS[:1], model=tiny_model)[0]
-    new = rerank(images[:1], CANDS[:1], model_or_path=tiny_model)[0]
-    assert [(c.index, c.reward) for c in old] == [(c.index, c.reward) for c in new]
+def test_rerank_takes_a_spec_and_checks_weights_before_loading(tiny_dirs, tiny_model, images, monkeypatch):
+    base, reward = tiny_dirs
+    spec = ModelSpec(checkpoint=reward, base_model=base, device="cpu")
+    from_spec = rerank(spec, images[:1], CANDS[:1])[0]
+    loaded = rerank(tiny_model, images[:1], CANDS[:1])[0]
+    assert [(c.index, c.reward) for c in from_spec] == [(c.index, pytest.approx(c.reward, abs=1e-6)) for c in loaded]
+    from reward_fns import core
+
+    core.forget_scorers()
+    from multitap_rl.model import MultiTapModel
+
+    monkeypatch.setattr(MultiTapModel, "from_spec", lambda spec: pytest.fail("loaded the model before the weights"))
+    with pytest.raises(ConfigError, match="safety"):
+        rerank(spec, images[:1], CANDS[:1], weights="safety=1")
+    with pytest.raises(TypeError):
+        rerank(spec, images[:1], CANDS[:1], "overall=1")  # weights are keyword-only

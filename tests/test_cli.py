@@ -132,7 +132,7 @@ def test_score_image_size_and_max_length_options(tiny_dirs, images, tmp_path, ca
         main(["score", *_args(tiny_dirs), "--image", "x", "--text", "y", "--image-size", "0"])
 
 
-def test_score_on_error_skip_writes_every_row_with_its_error(tiny_dirs, tiny_model, images, tmp_path, capsys):
+def test_score_on_invalid_skip_writes_every_row_with_its_error(tiny_dirs, tiny_model, images, tmp_path, capsys):
     images[0].save(tmp_path / "im0.png")
     (tmp_path / "corrupt.png").write_bytes(b"garbage")
     rows = [{"image": "im0.png", "text": "ok", "overall": "mine"}, {"image": "corrupt.png", "text": "x"},
@@ -140,7 +140,7 @@ def test_score_on_error_skip_writes_every_row_with_its_error(tiny_dirs, tiny_mod
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "o.jsonl"
-    assert main(["score", *_args(tiny_dirs), "--input", str(path), "--output", str(out), "--on-error", "skip"]) == 0
+    assert main(["score", *_args(tiny_dirs), "--input", str(path), "--output", str(out), "--on-invalid", "skip"]) == 0
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [{k: v for k, v in g.items() if k != "multitap"} for g in got] == rows  # the user's fields untouched
     assert "cannot decode" in got[1]["multitap"]["error"] and "line 2" in got[1]["multitap"]["error"]

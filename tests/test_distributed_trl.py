@@ -81,7 +81,7 @@ def _inputs(call):
 
 
 def _check_run(reports, base, reward, heads, *, zero3_policy=False, sharded=False):
-    from multitap_rl import MultiTapModel
+    from multitap_rl import ModelSpec, MultiTapModel
     from multitap_rl.combiner import RewardCombiner
     from reward_fns import core, multitap_objective_rewards
 
@@ -93,7 +93,8 @@ def _check_run(reports, base, reward, heads, *, zero3_policy=False, sharded=Fals
         assert rep["loads"] == 1 and rep["same_scorer"], summary
         rounds = _steps(rep)
         assert len(rounds) == rep["policy_steps"] >= 2, summary
-        assert rep["forwards"] == len(rounds), summary  # weighted + 3 objective callables: one forward per round
+        # one forward for the weighted reward and one shared by the 3 objective callables, per round
+        assert rep["forwards"] == 2 * len(rounds), summary
         assert rep["policy_max_change"] > 0, summary  # the policy trained
         if zero3_policy:
             assert "DEEPSPEED" in rep["distributed_type"] and rep["policy_zero3"], summary
@@ -105,7 +106,7 @@ def _check_run(reports, base, reward, heads, *, zero3_policy=False, sharded=Fals
 
     # 2. Replay in this one process.
     core.forget_scorers()
-    objectives = multitap_objective_rewards(str(reward), base_model=str(base), heads=str(heads), device="cpu")
+    objectives = multitap_objective_rewards(ModelSpec(checkpoint=reward, base_model=base, heads=heads, device="cpu"))
     model = MultiTapModel.from_pretrained(reward, base_model=base, heads=heads, device="cpu")
     combiner = RewardCombiner(WEIGHTS, model.dimension_names, normalize="running")
     rounds = list(zip(*(_steps(rep) for rep in reports)))
@@ -120,7 +121,7 @@ def _check_run(reports, base, reward, heads, *, zero3_policy=False, sharded=Fals
             keep = [i for i, t in enumerate(texts) if t.strip()]  # an empty completion gets None
             assert all(rewards[i] is None for i in range(len(texts)) if i not in keep)
             out = model.score([images[i] for i in keep], [texts[i] for i in keep])
-            dims.append({"overall": out.overall, **out.dims})
+            dims.append(out.scores)
             recorded += [rewards[i] for i in keep]
         # one process, the whole global batch of this round (rank 0's samples, then rank 1's)
         combined = combiner({k: torch.cat([d[k] for d in dims]) for k in dims[0]})

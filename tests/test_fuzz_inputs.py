@@ -67,7 +67,7 @@ def model(tiny_dirs, request):
 @given(batch=st.lists(st.tuples(images(), texts), min_size=1, max_size=3))
 def test_random_inputs_give_valid_scores_or_sample_errors(model, batch):
     imgs, txts = [b[0] for b in batch], [b[1] for b in batch]
-    out = model.score(imgs, txts, on_error="skip")
+    out = model.score(imgs, txts, on_invalid="skip")
     assert len(out) == len(batch)
     for i in range(len(batch)):
         if i in out.errors:

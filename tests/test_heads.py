@@ -226,7 +226,7 @@ def test_model_with_heads_fills_dims(tiny_dirs, fitted_dir, images):
     base, reward = tiny_dirs
     model = MultiTapModel.from_pretrained(reward, base_model=base, device="cpu", image_size=112, heads=fitted_dir)
     assert model.dimension_names == ("overall", "safety", "clarity")
-    assert model.info["heads"] == str(fitted_dir)
+    assert model.spec.heads == str(fitted_dir)
     texts = ["A red circle.", "Two dogs.", "A tree.", "Sky."]
     out = model.score(images, texts)
     h = model.features(images, texts)
@@ -312,5 +312,3 @@ def test_heads_fit_with_other_extraction_settings_warn(tiny_model, small_model, 
         assert "extracted with image_size=112 but the model scores with image_size=560" in caplog.text
     finally:  # shared fixtures: leave them without heads
         small_model.heads = tiny_model.heads = None
-        tiny_model.info.pop("heads", None)
-        small_model.info.pop("heads", None)

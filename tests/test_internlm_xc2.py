@@ -120,8 +120,7 @@ def test_stage1_trains_and_reloads(tiny_xc2_dirs, tmp_path, finetune):
     model, both layouts, scores as the training forward."""
     pytest.importorskip("accelerate")
     from multitap_rl.training import train_stage1
-    from multitap_rl.training.stage1 import RewardLogits
-
+    
     base, _ = tiny_xc2_dirs
     cfg = {"model": {"base_model": str(base), "image_size": 560, "max_length": 16384},
            "data": {"dataset": "shapes", "dataset_kwargs": {"n_train": 8, "n_eval": 4}},
@@ -141,7 +140,7 @@ def test_stage1_trains_and_reloads(tiny_xc2_dirs, tmp_path, finetune):
     rows = make_shapes_records(4, seed=5, image_size=64)
     imgs, texts = [r["image"] for r in rows], [r["text"] for r in rows]
     with torch.no_grad():
-        trained = torch.sigmoid(RewardLogits(res.model)(imgs, texts))
+        trained = torch.sigmoid(res.model(imgs, texts))
     for layout, path in res.model_dirs.items():
         again = MultiTapModel.from_pretrained(path, device="cpu")
         assert type(again.backbone) is InternLMXC2Backbone

@@ -172,3 +172,29 @@ def test_precision_command(tiny_dirs, tmp_path, capsys):
     assert "4 rows do not form groups of 3" in capsys.readouterr().err
     assert main([*common, "--group-size", "2", "--candidates", "int4"]) == 2
     assert "unknown precision 'int4'" in capsys.readouterr().err
+
+
+def test_tf32_model_trains_and_scores_under_the_same_precision(tiny_dirs, tmp_path, monkeypatch):
+    """Stage 1 trains the model's own forward, so a ``dtype: tf32`` recipe trains in the context it
+    scores in. No GPU here: the model's context is made to switch on CPU too (what it does on CUDA),
+    and the matmul flags are read inside every feature computation, in training and in scoring."""
+    pytest.importorskip("accelerate")
+    from multitap_rl.training import train_stage1
+
+    base, _ = tiny_dirs
+    monkeypatch.setattr(MultiTapModel, "_matmuls", lambda self: tf32_matmuls(self.matmul_precision == "tf32"))
+    seen = []
+    from multitap_rl.scoring import FeatureEngine
+
+    original = FeatureEngine.features
+    monkeypatch.setattr(FeatureEngine, "features", lambda self, *a, **k: seen.append(_flags()) or original(self, *a, **k))
+    cfg = {"model": {"base_model": str(base), "image_size": 56, "dtype": "tf32"},
+           "data": {"dataset": "shapes", "dataset_kwargs": {"n_train": 8, "n_eval": 4}},
+           "train": {"output_dir": str(tmp_path / "out"), "batch_size": 4, "max_steps": 2, "log_every": 1,
+                     "progress": False}}
+    before = _flags()
+    res = train_stage1(cfg)
+    trained = len(seen)
+    assert trained >= 2 and res.model.matmul_precision == "tf32"
+    res.model.score([make_image(0), make_image(1)], TEXTS[:2])
+    assert len(seen) > trained and set(seen) == {("tf32", "tf32")} and _flags() == before

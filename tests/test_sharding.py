@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from multitap_rl import ModelSpec
 from multitap_rl.errors import ConfigError
 from reward_fns import core, multitap_objective_rewards, multitap_reward
 
@@ -25,10 +26,10 @@ def _free_port() -> int:
 def test_bad_shard_settings_are_clear_errors(tiny_dirs, tiny_model, images):
     base, reward = tiny_dirs
     with pytest.raises(ConfigError, match=r"shard must be one of \[None, 'zero3'\], got 'zero2'"):
-        multitap_reward(reward, base_model=base, shard="zero2")
+        multitap_reward(ModelSpec(checkpoint=reward, base_model=base, shard="zero2"))
     with pytest.raises(ConfigError, match="shard='zero3' and offload=True"):
-        multitap_reward(reward, base_model=base, shard="zero3", offload=True)
-    with pytest.raises(ConfigError, match="pass the checkpoint path, not a loaded MultiTapModel"):
+        ModelSpec(checkpoint=reward, base_model=base, shard="zero3", offload=True)
+    with pytest.raises(TypeError):  # a loaded model is never sharded in place: the spec has that field
         multitap_objective_rewards(tiny_model, shard="zero3")
 
 
@@ -36,7 +37,7 @@ def test_shard_outside_a_distributed_run_is_a_clear_error(tiny_dirs, images):
     pytest.importorskip("deepspeed")
     base, reward = tiny_dirs
     core.forget_scorers()
-    fn = multitap_reward(reward, base_model=base, shard="zero3", device="cpu")
+    fn = multitap_reward(ModelSpec(checkpoint=reward, base_model=base, shard="zero3", device="cpu"))
     with pytest.raises(ConfigError, match="torch.distributed is not initialised"):
         fn(["Describe this image."], ["A red circle."], image=[images[0]])
     core.forget_scorers()

@@ -10,7 +10,6 @@ from multitap_rl import EngineConfig, MultiTapModel
 from multitap_rl.checkpoint import read_state_dict
 from multitap_rl.testing import make_shapes_records
 from multitap_rl.training import train_stage1
-from multitap_rl.training.stage1 import RewardLogits
 
 pytest.importorskip("accelerate")
 
@@ -79,7 +78,7 @@ def test_training_forward_is_the_scoring_forward(tiny_dirs, tmp_path):
     res = train_stage1(_cfg(base, tmp_path, max_steps=3, save_layouts=["multitap", "released"]))
     imgs, texts = _probe()
     with torch.no_grad():
-        trained = torch.sigmoid(RewardLogits(res.model)(imgs, texts))
+        trained = torch.sigmoid(res.model(imgs, texts))
     for layout, path in res.model_dirs.items():
         plain = MultiTapModel.from_pretrained(path, device="cpu", image_size=SMALL,
                                               engine=EngineConfig(share_images=False, share_prefix=False))
@@ -109,7 +108,7 @@ def test_llama_vision_trains_and_reloads_with_its_pad_token(tiny_mllama_dirs, tm
         assert not torch.equal(before[lm], after[lm])
     imgs, texts = _probe()
     with torch.no_grad():
-        trained = torch.sigmoid(RewardLogits(res.model)(imgs, texts))
+        trained = torch.sigmoid(res.model(imgs, texts))
     for layout, path in res.model_dirs.items():
         assert json.loads((path / "multitap_config.json").read_text())["backbone_options"] == {"pad_token": "<|eot_id|>"}
         again = MultiTapModel.from_pretrained(path, device="cpu", max_length=64)
@@ -159,7 +158,7 @@ def test_lora_saves_merged_and_reloads_with_the_same_scores(tiny_dirs, tmp_path)
     assert torch.equal(names[f"{w}.base_layer.weight"], dict(fresh.named_parameters())[f"{w}.weight"])
     imgs, texts = _probe()
     with torch.no_grad():
-        live = torch.sigmoid(RewardLogits(model)(imgs, texts))
+        live = torch.sigmoid(model(imgs, texts))
     for path in res.model_dirs.values():
         merged = MultiTapModel.from_pretrained(path, device="cpu", image_size=SMALL)
         assert not any("lora" in k for k in merged.state_dict())
@@ -225,7 +224,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dirs):
     for ckpt in (False, True):
         cfg = load_stage1_config(_cfg(base, "unused", gradient_checkpointing=ckpt))
         model = build_model(cfg, "cpu").train()
-        loss = torch.nn.functional.mse_loss(torch.sigmoid(RewardLogits(model)(imgs, texts)), target)
+        loss = torch.nn.functional.mse_loss(torch.sigmoid(model(imgs, texts)), target)
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20

@@ -8,11 +8,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from reward_fns import multitap_objective_rewards, multitap_reward
+from multitap_rl import ModelSpec
 from multitap_rl.errors import ConfigError
+from reward_fns import multitap_objective_rewards, multitap_reward
 from reward_fns import core
 
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+
+
+@pytest.fixture()
+def model_with_heads(tiny_model):
+    """The tiny model with two stage-2 ridge dimensions (random coefficients)."""
+    import numpy as np
+
+    from multitap_rl.heads import RidgeHeads
+    from multitap_rl.model import MultiTapModel
+
+    g = torch.Generator().manual_seed(0)
+    coef = (torch.randn(tiny_model.hidden_size, 2, generator=g) / tiny_model.hidden_size**0.5).numpy()
+    heads = RidgeHeads(["clarity", "safety"], coef, np.zeros(2))
+    return MultiTapModel(tiny_model.backbone, tiny_model.reward_head, heads=heads).eval()
 
 
 def _batch(images, g=2):
@@ -25,7 +40,7 @@ def _batch(images, g=2):
 @pytest.fixture()
 def reward(tiny_dirs):
     base, reward_dir = tiny_dirs
-    return multitap_reward(reward_dir, base_model=base, device="cpu")
+    return multitap_reward(ModelSpec(checkpoint=reward_dir, base_model=base, device="cpu"))
 
 
 def test_contract(reward, tiny_model, images):
@@ -94,7 +109,7 @@ def test_pickled_model_without_a_checkpoint_is_a_clear_error(tiny_dirs, images):
 
 def test_none_for_missing_images_and_empty_completions(tiny_dirs, images):
     base, reward_dir = tiny_dirs
-    r = multitap_reward(reward_dir, base_model=base, device="cpu", empty_reward=-1.0)
+    r = multitap_reward(reward_dir, base_model=base, empty_reward=-1.0)
     prompts = [PROMPT] * 4
     completions = ["A red circle.", "A tree.", "   ", "Dogs."]
     out = r(prompts=prompts, completions=completions, image=[images[0], None, images[1], images[2]])
@@ -110,7 +125,7 @@ def test_images_column_and_string_completions(reward, tiny_model, images):
     expected = tiny_model.score(images[:2], ["A.", "B b."]).overall
     assert torch.allclose(torch.tensor(out[:2]), expected, atol=1e-6)
     assert reward(prompts=prompts[:1], completions=["A."], images=[[images[0], images[1]]]) == [None]
-    strict = multitap_reward(reward.spec.checkpoint, base_model=reward.spec.base_model, on_invalid="raise")
+    strict = multitap_reward(reward.spec, on_invalid="raise")
     with pytest.raises(ValueError, match="completion 0: image: 2 images"):
         strict(prompts=prompts[:1], completions=["A."], images=[[images[0], images[1]]])
     with pytest.raises(ValueError, match="no images reached the MULTI-TAP reward"):
@@ -119,7 +134,7 @@ def test_images_column_and_string_completions(reward, tiny_model, images):
 
 def test_instruction_task_takes_the_question_from_the_prompt(tiny_dirs, tiny_model, images):
     base, reward_dir = tiny_dirs
-    r = multitap_reward(reward_dir, base_model=base, device="cpu", task="instruction")
+    r = multitap_reward(reward_dir, base_model=base, task="instruction")
     prompt = [{"role": "system", "content": "Be brief."},
               {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
     out = r(prompts=[prompt], completions=[[{"role": "assistant", "content": "Red."}]], image=[images[0]])
@@ -143,20 +158,32 @@ def test_log_metric_gets_every_dimension(reward, images):
     assert logged["multitap/overall"] == pytest.approx(sum(out) / len(out), abs=1e-6)
 
 
-def test_objective_rewards_share_one_forward(tiny_dirs, tiny_model, images):
-    funcs = multitap_objective_rewards(tiny_model, dims=["overall"])
-    twin = multitap_objective_rewards(tiny_model)
-    assert [f.__name__ for f in funcs] == ["multitap_overall"] == [f.__name__ for f in twin]
+def test_objective_rewards_share_one_forward_per_step(model_with_heads, images):
+    """The callables made together take one forward per batch (TRL calls each once per step);
+    a new step, an edited list or another set of callables computes anew."""
+    model = model_with_heads
+    funcs = multitap_objective_rewards(model)
+    names = [f.__name__ for f in funcs]
+    assert names[0] == "multitap_overall" and len(funcs) == len(model.dimension_names) >= 2
     calls = []
-    original = tiny_model.score
-    tiny_model.score = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = model.score
+    model.score = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
         prompts, completions, imgs = _batch(images)
-        a = funcs[0](prompts=prompts, completions=completions, image=imgs)
-        b = twin[0](prompts=prompts, completions=completions, image=imgs)
+        step = [f(prompts=prompts, completions=completions, image=imgs) for f in funcs]
+        assert len(calls) == 1
+        again = [f(prompts=prompts, completions=completions, image=imgs) for f in funcs]  # the next step
+        assert len(calls) == 2 and again == step
+        funcs[0](prompts=prompts, completions=completions, image=imgs)
+        completions[0] = [{"role": "assistant", "content": "Something else entirely."}]  # edited in place
+        edited = funcs[1](prompts=prompts, completions=completions, image=imgs)
+        assert len(calls) == 4 and edited[0] != pytest.approx(step[1][0], abs=1e-6)
+        twin = multitap_objective_rewards(model, dims=["overall"])
+        assert twin[0](prompts=prompts, completions=completions, image=imgs)[1:] == pytest.approx(step[0][1:], abs=1e-6)
     finally:
-        del tiny_model.score
-    assert a == b and len(calls) == 1
+        del model.score
+    expected = original(imgs, [c[0]["content"] for c in completions])
+    assert edited == pytest.approx(expected.scores[funcs[1].dim].tolist(), abs=1e-6)
 
 
 def _policy_params(model):
@@ -198,7 +225,7 @@ def test_real_trainer_steps(tmp_path, trainer, steps):
 
 def test_offload_moves_the_model_between_calls(images):
     """offload=True: the model lives on CPU between calls and on its device during one."""
-    from reward_fns.core import ScorerSpec, SharedScorer
+    from reward_fns.core import Scorer
 
     class FakeModel:
         def __init__(self):
@@ -210,14 +237,14 @@ def test_offload_moves_the_model_between_calls(images):
             self.device = torch.device(device)
             return self
 
-        def score(self, imgs, texts, questions=None, on_error="raise"):
+        def score(self, imgs, texts, questions=None, on_invalid="raise"):
             from multitap_rl.model import ScoreOutput
 
             self.moves.append(f"score on {self.device}")
-            return ScoreOutput(overall=torch.zeros(len(texts)))
+            return ScoreOutput(scores={"overall": torch.zeros(len(texts))})
 
     fake = FakeModel()
-    scorer = SharedScorer(ScorerSpec("fake", offload=True), model=fake)
+    scorer = Scorer(ModelSpec(checkpoint="fake", offload=True), model=fake)
     scorer.score([images[0]], ["a"])
     scorer.score([images[0]], ["b"])
     assert fake.moves == ["score on cuda:0", "cpu", "cuda:0", "score on cuda:0", "cpu"]

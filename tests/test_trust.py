@@ -261,7 +261,7 @@ def test_score_never_returns_a_silent_nan(small, images):
     try:
         with pytest.raises(SampleError, match=r"score 1: features not finite"):
             small.score(images[:3], ["a", "b", "c"])
-        out = small.score(images[:3], ["a", "b", "c"], on_error="skip")
+        out = small.score(images[:3], ["a", "b", "c"], on_invalid="skip")
         assert list(out.errors) == [1] and out.valid.tolist() == [True, False, True]
         assert math.isnan(float(out.overall[1])) and torch.isfinite(out.overall[[0, 2]]).all()
     finally:
@@ -356,9 +356,9 @@ def test_weights_yaml_gates_and_rerank_arguments_say_what_is_wrong(small, images
     one = RewardCombiner("overall=1", ["overall", "safety"], gates="safety<0.5:cap=0")  # one gate as a string
     assert len(one.gates) == 1 and one.gates[0].dim == "safety"
     with pytest.raises(TypeError, match="candidates must be a list"):
-        rerank(images[:1], "abc", model_or_path=small)
+        rerank(small, images[:1], "abc")
     with pytest.raises(TypeError, match="image 0: candidates must be a list of strings"):
-        rerank(images[:1], ["abc"], model_or_path=small)
+        rerank(small, images[:1], ["abc"])
 
 
 def test_latin1_jsonl_names_the_file_and_line(tmp_path):

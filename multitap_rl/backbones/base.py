@@ -46,10 +46,29 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["CAPTION_INSTRUCTION", "Backbone", "PreparedImage", "Segment", "Tokenized", "cache_argument",
+__all__ = ["CAPTION_INSTRUCTION", "Backbone", "FeatureSettings", "PreparedImage", "Segment", "Tokenized", "cache_argument",
            "output_cache", "place_image_features", "reference_messages"]
 
 CAPTION_INSTRUCTION = "Describe this image."
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """Every setting of a loaded backbone that changes its features, resolved (no ``"auto"``).
+
+    The one record the checkpoint metadata, the heads' compatibility check, feature stores and
+    the model's spec read: ``rope``, ``image_size`` (None: not resized), ``max_length`` (None:
+    never truncated) and the adapter's own ``options`` (sorted ``(name, value)`` pairs)."""
+
+    rope: str
+    image_size: int | None
+    max_length: int | None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form: ``{"rope", "image_size", "max_length", "backbone_options"}`` (options None when empty)."""
+        return {"rope": self.rope, "image_size": self.image_size, "max_length": self.max_length,
+                "backbone_options": dict(self.options) or None}
 
 
 def reference_messages(text: str, question: str | None) -> list[dict]:
@@ -268,6 +287,11 @@ class Backbone(nn.Module):
         """The adapter's own constructor options (beyond rope, image size, max length) that change
         its features, JSON-serialisable: saved with a checkpoint so it loads back scoring the same."""
         return {}
+
+    @property
+    def settings(self) -> FeatureSettings:
+        """The settings that change this backbone's features (one typed record)."""
+        return FeatureSettings(self.rope, self.image_size, self.max_length, tuple(sorted(self.options().items())))
 
     @property
     def device(self) -> torch.device:

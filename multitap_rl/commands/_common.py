@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-__all__ = ["add_model_arguments", "check_output_dir", "emit", "load_model", "optional_int", "result_stream",
+__all__ = ["add_model_arguments", "check_output_dir", "emit", "load_model", "model_spec", "optional_int", "result_stream",
            "set_result_stream"]
 
 _RESULTS: list = [None]  # where results go (None: sys.stdout); the CLI sets the real stdout, the rest goes to stderr
@@ -68,14 +68,19 @@ def optional_int(value: str) -> int | None | str:
     return n
 
 
+def model_spec(args):
+    """The :class:`~multitap_rl.spec.ModelSpec` of the model arguments (see :func:`add_model_arguments`)."""
+    from ..spec import ModelSpec
+
+    return ModelSpec(checkpoint=args.checkpoint, base_model=args.base_model, heads=getattr(args, "heads", None),
+                     device=args.device, dtype=getattr(args, "dtype", None), rope=args.rope,
+                     image_size=args.image_size, max_length=args.max_length)
+
+
 def load_model(args):
     from ..model import MultiTapModel
 
-    return MultiTapModel.from_pretrained(
-        args.checkpoint, base_model=args.base_model, heads=getattr(args, "heads", None),
-        device=args.device, dtype=getattr(args, "dtype", None), rope=args.rope, image_size=args.image_size,
-        max_length=args.max_length,
-    )
+    return MultiTapModel.from_spec(model_spec(args))
 
 
 def check_output_dir(path: str | os.PathLike, *, overwrite: bool, what: str, marker: str) -> Path:

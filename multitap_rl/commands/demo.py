@@ -153,7 +153,7 @@ def _run_checkpoint(args) -> int:
                        _caption(sc, shape=_wrong(rng, list(SHAPE_KINDS), sc.shape)),
                        _caption(sc, position=_wrong(rng, list(SHAPE_POSITIONS), sc.position))]
                       for sc in scenes]
-    ranked = rerank(images, candidates, weights, model_or_path=model)
+    ranked = rerank(model, images, candidates, weights=weights)
     emit(f"[2/3] candidates ranked by reward with weights {weights}:")
     for i, lst in enumerate(ranked):
         emit(f"  image {i}:")

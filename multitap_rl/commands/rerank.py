@@ -24,7 +24,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from reward_fns.best_of_n import rerank
 
-    from ._common import load_model
+    from ._common import model_spec
 
     path = Path(args.candidates)
     if not path.is_file():
@@ -40,8 +40,8 @@ def run(args) -> int:
         raise ConfigError(f"image file not found: {args.image}")
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError("--top-k must be >= 1")
-    model = load_model(args)
-    ranked = rerank([args.image], [candidates], args.weights, model_or_path=model,
+    # the weights are checked against the heads' dimensions before the model loads
+    ranked = rerank(model_spec(args), [args.image], [candidates], weights=args.weights,
                     questions=None if args.question is None else [args.question],
                     normalize=args.normalize, gates=args.gate)[0]
     for rank, cand in enumerate(ranked[: args.top_k], start=1):

@@ -2,7 +2,7 @@
 
 Each output row is the input row unchanged (its own fields, ``image`` as written) plus one key,
 ``multitap`` by default (``--score-key``), holding ``{"overall": ..., <dim>: ...}`` -- or
-``{"error": "..."}`` for a row that could not be scored under ``--on-error skip``. A row that
+``{"error": "..."}`` for a row that could not be scored under ``--on-invalid skip``. A row that
 already has that key is refused (nothing of the user's is overwritten). Relative image paths are
 read next to the JSONL file.
 """
@@ -29,9 +29,9 @@ def add_arguments(p) -> None:
     p.add_argument("--output", default=None, help="write JSONL here (default: stdout)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--score-key", default="multitap", help="the key each row's scores go under (default multitap)")
-    p.add_argument("--on-error", default="stop", choices=["stop", "skip"],
-                   help="a row that cannot be scored: stop with an error naming it (default), or skip it (the row "
-                        "is written with {\"error\": ...} under the score key)")
+    p.add_argument("--on-invalid", default="raise", choices=["raise", "skip"],
+                   help="a row that cannot be scored: stop with an error naming it (raise, the default), or skip it "
+                        "(the row is written with {\"error\": ...} under the score key)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per model call (default 32)")
 
 
@@ -105,7 +105,7 @@ def run(args) -> int:
     if not args.score_key:
         raise ConfigError("--score-key must not be empty")
     rows, lines, root, source = _rows(args)
-    skip = args.on_error == "skip"
+    skip = args.on_invalid == "skip"
     images: list[str | None] = []
     errors: dict[int, SampleError] = {}
     for k, row in enumerate(rows):
@@ -130,7 +130,7 @@ def run(args) -> int:
                 try:
                     result = model.score([images[k] for k in idx], [rows[k]["text"] for k in idx],
                                          questions if any(q is not None for q in questions) else None,
-                                         on_error="skip" if skip else "raise")
+                                         on_invalid=args.on_invalid)
                 except SampleError as exc:
                     raise exc.at(lines[idx[exc.index]], unit="line", source=source) from exc
                 per_row = result.rows()

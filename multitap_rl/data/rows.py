@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, MissingDependencyError
+from ..errors import DataError, require
 from ..images import image_key
 
 __all__ = ["RowSource", "digest_files", "digest_rows", "load_table", "open_rows", "read_json_rows", "resolve_image"]
@@ -204,10 +204,7 @@ def load_table(dataset: str, *, split: str, config_name: str | None = None, revi
     """A ``datasets.Dataset``: a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file, a directory
     written by ``save_to_disk``, a local dataset directory, or a hub id. Returns (dataset, image
     root): relative image paths in a local file are read next to it."""
-    try:
-        import datasets
-    except ImportError:
-        raise MissingDependencyError("reading this data needs `datasets`: pip install 'multitap-rl[train]'") from None
+    datasets = require("datasets", "train", "reading this data")
     path = Path(dataset).expanduser()
     if path.is_file():
         kinds = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}

@@ -22,7 +22,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import ConfigError, MissingDependencyError
+from ..errors import ConfigError, require
 
 __all__ = [
     "POSITION_PHRASES",
@@ -193,11 +193,8 @@ def make_shapes_records(
 
 
 def _dataset(rows: list[dict]):
-    try:
-        from datasets import Dataset, Features, Image, Value
-    except ImportError:  # pragma: no cover - datasets is in the train/dev extras
-        raise MissingDependencyError("the shapes task as a Dataset needs `datasets`: "
-                                     "pip install 'multitap-rl[train]'") from None
+    datasets = require("datasets", "train", "the shapes task as a Dataset")
+    Dataset, Features, Image, Value = datasets.Dataset, datasets.Features, datasets.Image, datasets.Value
     features = {}
     for key, value in rows[0].items():
         if key.startswith("image"):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import require
+
 __all__ = ["TINY_SD_PROMPTS", "build_tiny_stable_diffusion", "tiny_stable_diffusion_pipeline"]
 
 TINY_SD_PROMPTS = [
@@ -35,12 +37,7 @@ _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def _require_diffusers():
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        raise ImportError(
-            "the tiny Stable Diffusion pipeline needs diffusers: pip install 'multitap-rl[diffusers]'"
-        ) from None
+    require("diffusers", "diffusers", "the tiny Stable Diffusion pipeline")
 
 
 def _learn_bpe(word_counts: dict[str, int], n_merges: int) -> list[tuple[str, str]]:

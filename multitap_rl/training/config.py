@@ -42,7 +42,8 @@ class ModelArgs:
     rope: Literal["reference", "mrope"] = _f("reference", "position scheme (reference = as the released models)")
     image_size: int | None = _f(560, "images resized to this square before the processor (reference: 560)")
     max_length: int | None = _f(1024, "prompts truncated to this many tokens (reference: 1024)")
-    dtype: str = _f("float32", "parameter dtype: float32 | bfloat16 (bf16 suits DeepSpeed on GPUs)")
+    dtype: str = _f("float32", "parameter dtype: float32 | bfloat16 (bf16 suits DeepSpeed on GPUs) | tf32 (float32 "
+                                "weights, TF32 matmuls on CUDA: trained and scored in that context)")
     head_seed: int = _f(0, "seed of the fresh reward head's initialisation")
     backbone_options: dict = _f(help="backbone adapter options, e.g. {pad_token: '<|eot_id|>'} (Llama-3.2-Vision)",
                                 factory=dict)

@@ -65,17 +65,13 @@ _RESUME_KEYS = ("format", "version", "n_rows", "chunk_size", "data", "schema", "
 def model_identity(model) -> dict:
     """What identifies the features a model extracts (saved with feature stores and heads)."""
     info = getattr(model, "info", {}) or {}
-    bb = getattr(model, "backbone", None)
     return {
         "hidden_size": int(model.hidden_size),
         "checkpoint": info.get("fingerprint"),
         "checkpoint_name": info.get("checkpoint"),
         "base_model": info.get("base_model"),
         "family": info.get("family"),
-        "rope": getattr(bb, "rope", None),
-        "image_size": getattr(bb, "image_size", None),
-        "max_length": getattr(bb, "max_length", None),
-        "backbone_options": (bb.options() or None) if hasattr(bb, "options") else None,
+        **model.backbone.settings.as_dict(),
     }
 
 

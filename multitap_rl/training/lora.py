@@ -25,10 +25,10 @@ def apply_lora(module: nn.Module, *, r: int, alpha: float, dropout: float, targe
                use_rslora: bool = False) -> int:
     """Inject LoRA adapters into ``module``'s linear layers named in ``target_modules``; freeze
     everything else in ``module``. Returns the number of trainable adapter parameters."""
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError as exc:
-        raise ImportError("LoRA training needs peft: pip install multitap-rl[train]") from exc
+    from ..errors import require
+
+    peft = require("peft", "train", "LoRA training")
+    LoraConfig, inject_adapter_in_model = peft.LoraConfig, peft.inject_adapter_in_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         use_rslora=use_rslora, bias="none")

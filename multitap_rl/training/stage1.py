@@ -28,7 +28,6 @@ Output directory::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -42,12 +41,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, DataError, MissingDependencyError
+from ..errors import ConfigError, DataError, require
 from .config import SHAPES_DATASET, Stage1Config, TrainArgs, load_stage1_config
 from .recipe import config_to_dict, save_recipe
 
 __all__ = [
-    "RewardLogits",
     "Stage1Config",
     "Stage1Result",
     "Stage1Trainer",
@@ -75,22 +73,6 @@ class Stage1Result:
     metrics: dict[str, float]
     history: list[dict]
     model: Any = None
-
-
-# -- the training forward ------------------------------------------------------------------------
-class RewardLogits(nn.Module):
-    """The training forward of a ``MultiTapModel``: the scoring path (``engine.features``, then the
-    reward head) returning the pre-sigmoid logits (N,) float32; ``sigmoid`` of them is the
-    model's ``overall`` score. Wrapping keeps the whole forward inside one module call (DDP,
-    DeepSpeed)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images, texts, questions=None) -> torch.Tensor:
-        h = self.model.engine.features(images, texts, questions)
-        return self.model.reward_head(h.to(self.model.device, torch.float32)).squeeze(-1)
 
 
 class _EpochSampler(torch.utils.data.Sampler):
@@ -198,35 +180,21 @@ def build_datasets(cfg: Stage1Config, train_data=None, eval_data=None):
 
 
 # -- model ---------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _no_zero3_init():
-    """Build modules whole even when accelerate has announced ZeRO-3 to transformers (which would
-    otherwise construct them as empty ``zero.Init`` partitions)."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter; restored below
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
 def build_model(cfg: Stage1Config, device):
     """The model to train, with exactly the parameters the recipe trains requiring grad."""
     from ..model import MultiTapModel
-    from ..scoring import EngineConfig, FeatureEngine
+    from ..scoring import EngineConfig
     from .lora import apply_lora
 
     m, t = cfg.model, cfg.train
+    # Training runs every sample as one full sequence (the sharing path is for inference).
     common = dict(device=device, dtype=m.dtype, image_size=m.image_size, max_length=m.max_length,
-                  backbone_options=m.backbone_options or None)
+                  backbone_options=m.backbone_options or None,
+                  engine=EngineConfig(share_images=False, share_prefix=False))
     if m.checkpoint:
         model = MultiTapModel.from_pretrained(m.checkpoint, base_model=m.base_model, rope=m.rope, **common)
     else:
         model = MultiTapModel.from_base_model(m.base_model, rope=m.rope, seed=m.head_seed, **common)
-    # Training runs every sample as one full sequence (the sharing path is for inference).
-    model.engine = FeatureEngine(model.backbone, EngineConfig(share_images=False, share_prefix=False))
     module = model.backbone.model
     if t.finetune == "full":
         module.requires_grad_(True)
@@ -281,10 +249,7 @@ def pair_metrics(margin: torch.Tensor) -> dict[str, float]:
 
 # -- the run -------------------------------------------------------------------------------------
 def _require_accelerate():
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        raise MissingDependencyError("stage-1 training needs accelerate: pip install 'multitap-rl[train]'") from None
+    require("accelerate", "train", "stage-1 training")
 
 
 def _checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -387,15 +352,14 @@ class Stage1Trainer:
         cfg, t, acc = self.cfg, self.cfg.train, self.acc
         # 2. Model and what it trains. Built whole by the strict loader (never under ZeRO-3's
         #    zero.Init, which would hand it empty partitions); DeepSpeed partitions it in prepare().
-        with _no_zero3_init() if self.is_deepspeed else contextlib.nullcontext():
-            self.model = build_model(cfg, acc.device)
+        self.model = build_model(cfg, acc.device)
         fresh_head = not cfg.model.checkpoint
         if fresh_head and self.mse and t.init_bias_from_data:
             p = min(max(self.train_mean, 0.01), 0.99)
             with torch.no_grad():
                 self.model.reward_head.bias.fill_(math.log(p / (1 - p)))
         self.model.train()
-        self.net = RewardLogits(self.model)
+        self.net = self.model  # its forward returns the reward logits, under its own matmul precision
         n_train = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
         logger.info("training %s: %d trainable parameters", t.finetune, n_train)
         # 3. Optimizer, data loaders, schedule.
@@ -615,9 +579,8 @@ class Stage1Trainer:
         from .lora import lora_scalings, merge_lora_state_dict
 
         # gathers ZeRO-3 shards (every rank takes part; only rank 0 receives them, the others get None);
-        # keys "model.<MultiTapModel key>"
+        # keys are the MultiTapModel's own
         state = self.acc.get_state_dict(self.net) or {}
-        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         if self.cfg.train.finetune == "lora" and self.main:
             state = merge_lora_state_dict(state, lora_scalings(self.model))
         dirs = {}

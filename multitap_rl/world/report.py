@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import MissingDependencyError
+from ..errors import require
 from .shapes_world import ATTRIBUTES
 
 
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:  # pragma: no cover - matplotlib is in the `plots`, `all` and `ddpo` extras
-        raise MissingDependencyError("the demo's plots need matplotlib: pip install 'multitap-rl[plots]'") from None
+    matplotlib = require("matplotlib", "plots", "the demo's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -31,7 +31,7 @@ def main(argv=None):
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    from multitap_rl import MultiTapModel
+    from multitap_rl import ModelSpec, MultiTapModel
     from multitap_rl.sharding import local_numel
     from multitap_rl.testing import make_image
     from reward_fns import core, multitap_objective_rewards
@@ -45,13 +45,13 @@ def main(argv=None):
         other = ([make_image(99)] * 2, ["Something else.", "Another caption."])
         plain = MultiTapModel.from_pretrained(reward, base_model=base, device="cpu")
         expected = {"first": plain.score(*batch).overall.tolist()}
-        # round 2: rank 0 repeats its batch (cached here), rank 1 scores another one
+        # round 2: rank 0 repeats its batch, rank 1 scores another one
         second = batch if rank == 0 else other
         expected["second"] = plain.score(*second).overall.tolist()
         del plain
 
         core.forget_scorers()
-        fn = multitap_objective_rewards(reward, base_model=base, shard="zero3", device="cpu")[0]
+        fn = multitap_objective_rewards(ModelSpec(checkpoint=reward, base_model=base, shard="zero3", device="cpu"))[0]
         prompts = lambda b: ["Describe this image."] * len(b[1])  # noqa: E731
         got = {"first": fn(prompts(batch), batch[1], image=batch[0]),
                "second": fn(prompts(second), second[1], image=second[0])}

@@ -97,16 +97,15 @@ def main(argv=None):
     torch.manual_seed(0)
     Counting.install()
     from multitap_rl.testing import make_image
+    from multitap_rl import ModelSpec
     from reward_fns import multitap_objective_rewards, multitap_reward
     from reward_fns.captioner import build_captioner_trainer, captioning_dataset
 
     ds = captioning_dataset([make_image(i, size=(56, 56)) for i in range(args.images)])
     ds = ds.add_column("idx", list(range(args.images)))
-    common = dict(base_model=args.base, heads=args.heads)
-    if args.shard:
-        common["shard"] = args.shard
-    weighted = multitap_reward(args.reward, weights=args.weights, normalize=args.normalize, **common)
-    objectives = multitap_objective_rewards(args.reward, **common)
+    spec = ModelSpec(checkpoint=args.reward, base_model=args.base, heads=args.heads, shard=args.shard or None)
+    weighted = multitap_reward(spec, weights=args.weights, normalize=args.normalize)
+    objectives = multitap_objective_rewards(spec)
     log: list = []
     funcs = [Recording(f, log) for f in [weighted, *objectives]]
     out = Path(args.out)
