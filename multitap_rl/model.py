@@ -241,6 +241,11 @@ def _load_backbone(base_dir: Path, base_name, state: dict[str, torch.Tensor], wh
                                 image_size=settings.image_size, max_length=settings.max_length, **dict(settings.options))
     except ConfigError:
         raise
+    except TypeError as exc:  # an option this backbone does not take
+        if not settings.options:
+            raise
+        raise ConfigError(f"backbone_options {dict(settings.options)} do not fit the {backbone_cls.family} backbone "
+                          f"({exc}); see its options in multitap_rl/backbones") from None
     except ValueError as exc:
         raise CheckpointError(f"base model {name!r}: {exc}") from None
     return backbone, state

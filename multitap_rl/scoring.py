@@ -78,8 +78,11 @@ def validate_batch(images: Sequence, texts: Sequence, questions: Sequence | None
                    errors: dict[int, SampleError] | None = None) -> list[str | None]:
     """Check lengths and texts; return ``questions`` as a list (None for the caption task).
 
-    A bad text or question is a :class:`SampleError` naming the sample; with ``errors`` (a dict)
-    it is recorded there under the sample's index instead of raised."""
+    Every string a policy can emit is scored, as the reference scores it -- empty and
+    whitespace-only texts and questions included. A text or question that is not a string, or not
+    valid Unicode (a lone surrogate, which no tokenizer can encode), is a :class:`SampleError`
+    naming the sample; with ``errors`` (a dict) it is recorded there under the sample's index
+    instead of raised."""
     for name, seq in (("images", images), ("texts", texts)):
         if not _is_list(seq):
             raise TypeError(f"{name} must be a list (one entry per sample), got {type(seq).__name__}")
@@ -92,18 +95,23 @@ def validate_batch(images: Sequence, texts: Sequence, questions: Sequence | None
             else type(questions).__name__
         raise DataError(f"got {n} for {len(texts)} texts; pass one question per text (or None)")
     for i, (text, q) in enumerate(zip(texts, questions)):
-        problem = None
-        if not isinstance(text, str):
-            problem = SampleError(i, "text", f"expected str, got {type(text).__name__}")
-        elif not text.strip():
-            problem = SampleError(i, "text", "empty text")
-        elif q is not None and (not isinstance(q, str) or not q.strip()):
-            problem = SampleError(i, "question", "must be a non-empty string or None")
+        problem = _string_problem(i, "text", text) or (None if q is None else _string_problem(i, "question", q))
         if problem is not None:
             if errors is None:
                 raise problem
             errors.setdefault(i, problem)
     return list(questions)
+
+
+def _string_problem(i: int, field: str, s) -> SampleError | None:
+    """Why ``s`` cannot be tokenized (not a str, or not valid Unicode), else None."""
+    if not isinstance(s, str):
+        return SampleError(i, field, f"expected str{' or None' if field == 'question' else ''}, got {type(s).__name__}")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return SampleError(i, field, f"not valid Unicode: a lone surrogate {s[exc.start]!r} at character {exc.start}")
+    return None
 
 
 def _object_key(obj):
@@ -247,8 +255,8 @@ class FeatureEngine:
         bb = self.backbone
         try:
             tok = bb.tokenize(text, question, img)
-        except ValueError as exc:
-            raise SampleError(i, "text", str(exc)) from None
+        except ValueError as exc:  # the backbone's PromptError names the field at fault
+            raise SampleError(i, getattr(exc, "field", "text"), str(exc)) from None
         return Request(image=index, tok=tok, positions=bb.positions(tok, img))
 
     @staticmethod

@@ -14,8 +14,10 @@ completion) or ``images`` (a list per completion).
 
 Both are plain picklable callables (not ``nn.Module``: TRL would treat a module as a text
 classifier and never pass it the images). A completion that cannot be scored (no image, an
-undecodable image, a text the prompt cannot hold) gets ``on_invalid`` (default ``None``, which TRL
-ignores) instead of failing the batch; the count is logged as ``<name>/invalid``.
+undecodable image, a text that is not valid Unicode) gets ``on_invalid`` (default ``"skip"``:
+``None``, which TRL ignores) instead of failing the batch; the count is logged as
+``<name>/invalid``. Every text the reference scores is scored here too, empty completions included
+(``empty_reward="score"``).
 """
 
 from __future__ import annotations
@@ -115,20 +117,21 @@ class _TRLReward(CoreReward):
     """Shared plumbing of the TRL callables: a :class:`RewardCore`, TRL input parsing, and empty
     completions (``empty_reward``)."""
 
-    def __init__(self, core: RewardCore, task: str, empty_reward: float | None, name: str,
+    def __init__(self, core: RewardCore, task: str, empty_reward: float | str | None, name: str,
                  cache: StepCache | None = None, member: int = 0):
         if task not in TASKS:
             raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
-        if empty_reward is not None and (isinstance(empty_reward, bool) or not isinstance(empty_reward, (int, float))
-                                         or not math.isfinite(empty_reward)):
-            raise ConfigError(f"empty_reward must be a finite number or None, got {empty_reward!r}")
+        if empty_reward is not None and empty_reward != "score" and (
+                isinstance(empty_reward, bool) or not isinstance(empty_reward, (int, float))
+                or not math.isfinite(empty_reward)):
+            raise ConfigError(f"empty_reward must be 'score', a finite number or None, got {empty_reward!r}")
         super().__init__(core, name)
         self.task, self.empty_reward = task, empty_reward
         self._cache, self._member = cache, member
 
     def _evaluate(self, prompts, completions, kwargs) -> tuple[RewardBatch, list[int]]:
-        """(the core's RewardBatch over every completion, indices of completions with empty text:
-        they are not scored and get ``empty_reward``)."""
+        """(the core's RewardBatch over every completion, indices of completions with empty text that
+        are not scored but get ``empty_reward`` -- none under the default "score")."""
         if self._cache is None:
             return self._evaluate_now(prompts, completions, kwargs)
         inputs = (prompts, completions, kwargs.get("image"), kwargs.get("images"))
@@ -164,8 +167,10 @@ class _TRLReward(CoreReward):
                 except TypeError as exc:
                     questions.append(None)
                     invalid.setdefault(i, SampleError(i, "question", str(exc)))
-        # 2. Empty completions are set aside (empty_reward); everything else is one core call.
-        empty = [i for i in range(n) if i not in invalid and not texts[i].strip()]
+        # 2. One core call; empty completions are scored as the reference scores them, unless the
+        #    user asked for a value of their own (empty_reward).
+        empty = [] if self.empty_reward == "score" else \
+            [i for i in range(n) if i not in invalid and not texts[i].strip()]
         batch = self.core.evaluate(images, texts, questions, unit="completion", invalid=invalid, aside=empty)
         return batch, empty
 
@@ -180,7 +185,7 @@ class MultiTapReward(_TRLReward):
     """The weighted MULTI-TAP reward as a TRL reward function (see :func:`multitap_reward`)."""
 
     def __init__(self, core: RewardCore, *, task: str = "caption", name: str = "multitap",
-                 empty_reward: float | None = None, log_dims: bool = True):
+                 empty_reward: float | str | None = "score", log_dims: bool = True):
         super().__init__(core, task, empty_reward, name)
         self.log_dims = log_dims
 
@@ -208,7 +213,7 @@ class MultiTapObjectiveReward(_TRLReward):
     """One MULTI-TAP dimension as a TRL reward function, named ``multitap_<dim>``; the callables
     made together share one forward per batch (:class:`~reward_fns.core.StepCache`)."""
 
-    def __init__(self, core: RewardCore, dim: str, *, task: str = "caption", empty_reward: float | None = None,
+    def __init__(self, core: RewardCore, dim: str, *, task: str = "caption", empty_reward: float | str | None = "score",
                  prefix: str = "multitap_", cache: StepCache | None = None, member: int = 0):
         if dim not in core.dimension_names:
             raise ConfigError(f"unknown dimension {dim!r}; valid names: {list(core.dimension_names)}")
@@ -222,7 +227,7 @@ class MultiTapObjectiveReward(_TRLReward):
 
 def multitap_reward(model_or_spec, weights=None, *, base_model=None, heads=None, normalize: str = "none",
                     gates: Sequence = (), momentum: float = 0.99, task: str = "caption", on_invalid="skip",
-                    empty_reward: float | None = None, name: str = "multitap",
+                    empty_reward: float | str | None = "score", name: str = "multitap",
                     log_dims: bool = True) -> MultiTapReward:
     """A TRL reward function: ``(prompts, completions, **kwargs) -> list[float | None]``.
 
@@ -242,8 +247,10 @@ def multitap_reward(model_or_spec, weights=None, *, base_model=None, heads=None,
         on_invalid: reward of a completion that cannot be scored (no or bad image, a text the
             prompt cannot hold): ``"skip"`` (default: ``None``, which TRL ignores), a float, or
             ``"raise"``.
-        empty_reward: reward for a completion with no text (default ``None``: TRL treats it as
-            missing).
+        empty_reward: what an empty or whitespace-only completion gets: ``"score"`` (default: its
+            MULTI-TAP score, as the reference scores every text a policy can emit -- a ``None``
+            here would give such completions zero advantage while poor captions get a negative
+            one, so a policy could drift toward empty output), or a float / ``None`` of your own.
     """
     core = RewardCore(model_or_spec, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
                       gates=gates, momentum=momentum, on_invalid=on_invalid)
@@ -252,7 +259,7 @@ def multitap_reward(model_or_spec, weights=None, *, base_model=None, heads=None,
 
 def multitap_objective_rewards(model_or_spec, dims: Sequence[str] | None = None, *, base_model=None, heads=None,
                                task: str = "caption", on_invalid="skip",
-                               empty_reward: float | None = None) -> list[MultiTapObjectiveReward]:
+                               empty_reward: float | str | None = "score") -> list[MultiTapObjectiveReward]:
     """One TRL reward function per dimension (``overall`` and each head dimension, or ``dims``),
     named ``multitap_<dim>``. The callables of one call share one model and one forward per batch.
     Pass them with ``GRPOConfig(reward_weights=[...], multi_objective_aggregation=...)``. Other

@@ -35,8 +35,8 @@ def test_rerank_weights_gates_and_errors(tiny_model, images):
     assert all(c.reward == 0.25 for c in capped)
     with pytest.raises(ValueError, match="unknown dimension"):
         rerank(tiny_model, images[:1], CANDS[:1], weights="safety=1")
-    with pytest.raises(ValueError, match="image 1, candidate 1: text: empty text"):
-        rerank(tiny_model, images[:2], [["a"], ["b", " "]])
+    with pytest.raises(ValueError, match="image 1, candidate 1: text: expected str"):
+        rerank(tiny_model, images[:2], [["a"], ["b", None]])
     with pytest.raises(ValueError, match="2 images but 1 candidate lists"):
         rerank(tiny_model, images[:2], [["a"]])
     with pytest.raises(ValueError, match=r"image 1, candidate 0: image: missing"):

@@ -64,8 +64,8 @@ def test_corrupt_file_names_the_sample(tiny_model, images, tmp_path):
 def test_batch_shape_errors(tiny_model, images):
     with pytest.raises(ValueError, match="got 2 images but 1 texts"):
         tiny_model.score(images[:2], ["a"])
-    with pytest.raises(ValueError, match="text 1: empty text"):
-        tiny_model.score(images[:2], ["a", "  "])
+    with pytest.raises(ValueError, match=r"text 1: not valid Unicode: a lone surrogate '\\udc80' at character 1"):
+        tiny_model.score(images[:2], ["a", "b\udc80c"])
     with pytest.raises(TypeError, match="text 0: expected str"):
         tiny_model.score(images[:1], [None])
     with pytest.raises(ValueError, match="one question per text"):

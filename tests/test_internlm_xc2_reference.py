@@ -24,6 +24,8 @@ scores.
 from __future__ import annotations
 
 
+import re
+
 import pytest
 import torch
 
@@ -46,6 +48,17 @@ def _load(model_dir, plora="reference", hd=False, engine=None):
     return MultiTapModel.from_pretrained(
         model_dir / "reward", base_model=model_dir / "base", device="cpu", image_size=None if hd else 560,
         backbone_options={"plora": plora} if plora != "reference" else None, engine=engine)
+
+
+_SPECIAL_WITH_SPACE = re.compile(r"\s*(</s>|<s>|<unk>)\s*")
+
+
+def _text_433(text: str) -> str:
+    """The stored numbers come from the remote code under transformers 4.33.2, which strips the
+    whitespace next to a literal <s>, </s> or <unk> in a text; we tokenize as 4.46.1 does (what
+    MULTI-TAP ran: the whitespace is kept; tests/test_fidelity_edges.py). Stripping it from the
+    text first gives exactly the 4.33.2 tokens, so every stored case is still compared."""
+    return _SPECIAL_WITH_SPACE.sub(r"\1", text)
 
 
 def _image(case):
@@ -93,7 +106,7 @@ def test_inputs_equal_the_remote_codes(model_dir, stored):
             models[key] = _load(model_dir, *key)
         bb = models[key].backbone
         image = bb.prepare_image(_image(c))
-        tok = bb.tokenize(c["text"], c["question"], image)
+        tok = bb.tokenize(_text_433(c["text"]), c["question"], image)
         assert tok.ids == c["ids"], c["name"]
         assert tok.ids[-1] == c["last_token_id"] and not tok.truncated
         assert image.inputs["crops"].tolist() == c["crops"], c["name"]
@@ -124,7 +137,7 @@ def test_scores_match_the_remote_code(model_dir, stored, engine):
     for key, idx in groups.items():
         model = _load(model_dir, *key, engine=engine)
         images = [_image(cases[i]) for i in idx]
-        texts = [cases[i]["text"] for i in idx]
+        texts = [_text_433(cases[i]["text"]) for i in idx]
         questions = [cases[i]["question"] for i in idx]
         got[idx] = model.score(images, texts, questions).overall
         h[idx] = model.features(images, texts, questions)

@@ -223,7 +223,7 @@ def test_bad_input_is_named(tiny_mllama_model, tiny_mllama_dirs, images):
     with pytest.raises(ValueError, match=r"text 1: .*<\|image\|>"):
         tiny_mllama_model.score(images[:2], ["Fine.", "Look: <|image|> twice."])
     model = load(tiny_mllama_dirs, max_length=16)
-    with pytest.raises(ValueError, match="text 0: .*max_length=16"):
+    with pytest.raises(ValueError, match="question 0: .*max_length=16"):
         model.score(images[:1], ["Yes."], ["Describe in detail what the small white square is doing " * 3])
     with pytest.raises(ValueError, match="rope"):
         load(tiny_mllama_dirs, rope="mrope")

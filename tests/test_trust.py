@@ -298,8 +298,8 @@ def test_errors_name_the_original_completion(small, images):
     with pytest.raises(SampleError, match=r"completion 2: image: cannot decode"):
         relaxed(prompts=[PROMPT] * 3, completions=["a", "b", "c"], image=[images[0], images[1], b"bad"])
     instruct = multitap_reward(small, task="instruction", on_invalid="raise")
-    prompts = [[{"role": "user", "content": "What is it?"}], [{"role": "user", "content": "   "}]]
-    with pytest.raises(SampleError, match=r"completion 1: question: must be a non-empty string"):
+    prompts = [[{"role": "user", "content": "What is it?"}], [{"role": "user", "content": "Who \ud800?"}]]
+    with pytest.raises(SampleError, match=r"completion 1: question: not valid Unicode"):
         instruct(prompts=prompts, completions=["a", "b"], image=images[:2])
 
 

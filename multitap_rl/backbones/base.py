@@ -47,7 +47,7 @@ from torch import nn
 from ..errors import ConfigError
 
 __all__ = ["CAPTION_INSTRUCTION", "Backbone", "FeatureSettings", "PreparedImage", "Segment", "Tokenized", "cache_argument",
-           "output_cache", "place_image_features", "reference_messages"]
+           "output_cache", "PromptError", "check_prefix", "pin_float32_buffers", "place_image_features", "reference_messages"]
 
 CAPTION_INSTRUCTION = "Describe this image."
 
@@ -156,6 +156,54 @@ class Segment:
     final: bool = True
 
 
+class PromptError(ValueError):
+    """A prompt this backbone cannot build for a sample; ``field`` names the input at fault
+    (``"text"``, ``"question"`` or ``"image"``), which the engine reports as that sample's error."""
+
+    def __init__(self, message: str, field: str = "text"):
+        super().__init__(message)
+        self.field = field
+
+
+def check_prefix(n_ids: int, prefix_len: int, max_length: int | None, question: str | None) -> None:
+    """Refuse a prompt whose part up to the end of the image alone reaches ``max_length`` (the
+    reference would cut the image itself). That part holds the fixed template, the question of the
+    instruction task and the image: a question is named when there is one, else the image."""
+    if max_length is not None and n_ids > max_length and prefix_len >= max_length:
+        where = "the question and the image" if question is not None else "the image"
+        raise PromptError(f"prompt of {n_ids} tokens: the part up to the end of the image ({prefix_len} tokens: "
+                          f"template, {where}) alone reaches max_length={max_length}",
+                          "question" if question is not None else "image")
+
+
+def pin_float32_buffers(module: nn.Module) -> None:
+    """Keep every floating-point buffer of ``module`` (rotary ``inv_freq`` and the like) in float32,
+    whatever ``module.to(dtype)`` does later: the references build these tables in float32 and round
+    only what is computed from them, and a bfloat16 ``inv_freq`` moves rotary angles by whole
+    radians at the positions where MULTI-TAP reads its score. Each submodule that owns such buffers
+    gets a forward pre-hook that puts back its float32 values (on the buffer's device) when a cast
+    changed their dtype; a buffer still in float32 is left alone (no cost, no copy)."""
+    for mod in module.modules():
+        names = [n for n, b in mod.named_buffers(recurse=False) if b is not None and b.is_floating_point()]
+        if not names:
+            continue
+        mod.register_forward_pre_hook(_Float32Buffers(
+            {n: getattr(mod, n).detach().to("cpu", torch.float32, copy=True) for n in names}))
+
+
+class _Float32Buffers:
+    """A forward pre-hook (picklable): put back the float32 values of buffers whose dtype a cast changed."""
+
+    def __init__(self, saved: dict[str, torch.Tensor]):
+        self.saved = saved
+
+    def __call__(self, module: nn.Module, args) -> None:
+        for name, ref in self.saved.items():
+            current = getattr(module, name)
+            if current is not None and current.dtype != torch.float32:
+                setattr(module, name, ref.to(current.device))
+
+
 class Backbone(nn.Module):
     """Base class: holds the HF module(s), the tokenizer and the image processor."""
 
@@ -201,6 +249,7 @@ class Backbone(nn.Module):
         self.rope = rope
         self.image_size = image_size
         self.max_length = max_length
+        pin_float32_buffers(model)
 
     # -- construction ------------------------------------------------------------------------
     @staticmethod

@@ -84,7 +84,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Backbone, PreparedImage, Segment, Tokenized, place_image_features
+from .base import Backbone, PreparedImage, Segment, Tokenized, check_prefix, place_image_features
 
 __all__ = ["IMAGE_TOKEN", "InternLMXC2Backbone", "InternLMXC2Config", "InternLMXC2Model", "InternLM2Tokenizer",
            "hd_transform"]
@@ -173,10 +173,11 @@ def vision_config_from_state(state: dict[str, torch.Tensor]) -> dict:
 # -- tokenizer ---------------------------------------------------------------------------------------
 class InternLM2Tokenizer:
     """The base model's ``tokenizer.model`` (SentencePiece, no dummy prefix) used directly, as the
-    remote ``InternLM2Tokenizer`` does under transformers 4.33: the text is split at its special
-    tokens (``<s>``, ``</s>``, ``<unk>``; whitespace next to them is stripped, the 4.33 rule for
-    special tokens given as strings), each piece encoded by SentencePiece (the ``[UNUSED_TOKEN_*]``
-    chat markers are user-defined pieces, kept whole); BOS prepended when asked."""
+    remote ``InternLM2Tokenizer`` does under transformers 4.46.1 (what MULTI-TAP ran): the text is
+    split at its special tokens (``<s>``, ``</s>``, ``<unk>``; the whitespace next to them is kept --
+    transformers 4.33, the version the remote code names, stripped it), each piece encoded by
+    SentencePiece (the ``[UNUSED_TOKEN_*]`` chat markers are user-defined pieces, kept whole); BOS
+    prepended when asked. Checked against 4.46.1 with ``tools/tokenizer_internlm2_446.py``."""
 
     def __init__(self, base_dir: Path):
         import sentencepiece as spm
@@ -210,10 +211,7 @@ class InternLM2Tokenizer:
         return self.sp.id_to_piece(i)
 
     def encode(self, text: str, add_bos: bool) -> list[int]:
-        parts = self._split.split(text)
-        for i in range(1, len(parts), 2):  # special tokens at odd indices: strip their neighbours
-            parts[i - 1] = parts[i - 1].rstrip()
-            parts[i + 1] = parts[i + 1].lstrip()
+        parts = self._split.split(text)  # special tokens at odd indices, the text between them as it is
         ids: list[int] = []
         for i, part in enumerate(parts):
             if i % 2:
@@ -412,9 +410,6 @@ class InternLMXC2Model(nn.Module):
                                          nn.Linear(cfg.hidden_size, cfg.hidden_size))
         self.plora_glb_GN = nn.Parameter(torch.zeros(1, 1, width))
         self.plora_sub_GN = nn.Parameter(torch.zeros(1, 1, 1, width))
-        head_dim = cfg.hidden_size // cfg.num_attention_heads
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @property
     def vision_model(self) -> nn.Module:  # the vision tower proper (stage 1's freeze_vision)
@@ -425,12 +420,17 @@ class InternLMXC2Model(nn.Module):
         self._ckpt_kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos/sin (B, 1, S, D) as the remote rotary cache: float32 ``t * inv_freq``, cat, cos/sin."""
+        """cos/sin (B, 1, S, D) as the remote rotary cache: float32 ``t * inv_freq``, cat, cos/sin,
+        and only the result rounded to ``dtype``. ``inv_freq`` is computed here in float32 on every
+        call, not kept as a buffer: ``module.to(bfloat16)`` would round a buffer, which moves cos/sin
+        by up to ~1 at head size 128 near position 1000, where MULTI-TAP reads its score."""
         cfg = self.config
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
         t = positions.float()
         if cfg.rope_scaling is not None and cfg.rope_scaling["type"] == "linear":
             t = t / cfg.rope_scaling["factor"]
-        freqs = t[..., None] * self.inv_freq
+        freqs = t[..., None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
@@ -501,6 +501,12 @@ def num_image_tokens(h: int, w: int) -> int:
     return (h * w + 1) * 400 + 1 + (h + 1) * 20
 
 
+# The released XComposer2.5 modelling code gives every P-LoRA linear three more adapters for its
+# write/web modes; a MULTI-TAP checkpoint built on it carries them, unused.
+_UNUSED_ADAPTER = re.compile(
+    r"model\.layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.(w1|w2|w3))\.lora_(sft|dpo|web)_[AB]\.weight")
+
+
 # -- the adapter ----------------------------------------------------------------------------------------
 class InternLMXC2Backbone(Backbone):
     family = "internlm_xc2"
@@ -563,10 +569,13 @@ class InternLMXC2Backbone(Backbone):
 
     @classmethod
     def remap_state_dict(cls, state):
-        """Hub key names as they are; drop the untied ``output.weight`` (lm_head, unused)."""
+        """Hub key names as they are; drop, and report as ignored, exactly the weights scoring never
+        uses: the untied ``output.weight`` (lm_head) and XComposer2.5's extra Partial-LoRA adapters
+        ``lora_{sft,dpo,web}_{A,B}`` on each P-LoRA linear (its write/web modes only; MULTI-TAP's
+        forward never selects them). Any other unknown key stays and the strict loader refuses it."""
         out, ignored = {}, []
         for key, value in state.items():
-            if key == "output.weight":
+            if key == "output.weight" or _UNUSED_ADAPTER.fullmatch(key):
                 ignored.append(key)
             else:
                 out[key] = value
@@ -625,23 +634,27 @@ class InternLMXC2Backbone(Backbone):
         return PreparedImage(inputs={**hard.inputs, "pixel_values": values.to(torch.bfloat16)},
                              num_tokens=hard.num_tokens, cost=hard.cost)
 
-    def parts(self, text: str, question: str | None) -> tuple[str, str]:
-        """(text before the image, text after it) of the wrapped prompt."""
-        for name, s in (("text", text), ("question", question)):
-            if s is not None and IMAGE_TOKEN in s:
-                raise ValueError(f"{name} contains {IMAGE_TOKEN!r}, the image placeholder")
-        return USER + (question or ""), ";" + text + END
+    def parts(self, text: str, question: str | None) -> list[str]:
+        """The wrapped prompt split at ``<ImageHere>`` as ``interleav_wrap_chat`` splits it: the
+        image follows the first part; the others are text. A text or question holding a literal
+        ``<ImageHere>`` is scored as the reference scores it: the literal disappears, the image
+        stays at the first placeholder and each remaining part is tokenized on its own (the
+        reference prints a warning; we log one)."""
+        parts = (USER + (question or "") + IMAGE_TOKEN + ";" + text + END).split(IMAGE_TOKEN)
+        if len(parts) > 2:
+            logger.warning("a text or question holds %r: scored as the reference does (the literal is dropped, the "
+                           "image goes at the first one)", IMAGE_TOKEN)
+        return parts
 
     def tokenize(self, text: str, question: str | None, image: PreparedImage) -> Tokenized:
-        before, after = self.parts(text, question)
-        head = self.tokenizer.encode(before, add_bos=True)
-        ids = head + [IMAGE_ID] * image.num_tokens + self.tokenizer.encode(after, add_bos=False)
+        first, *rest = self.parts(text, question)
+        head = self.tokenizer.encode(first, add_bos=True)
+        tail = [t for part in rest if part for t in self.tokenizer.encode(part, add_bos=False)]
+        ids = head + [IMAGE_ID] * image.num_tokens + tail
         prefix_len = len(head) + image.num_tokens
         truncated = False
         if self.max_length is not None and len(ids) > self.max_length:
-            if prefix_len >= self.max_length:
-                raise ValueError(f"prompt of {len(ids)} positions: the part up to the end of the image alone "
-                                 f"exceeds max_length={self.max_length}")
+            check_prefix(len(ids), prefix_len, self.max_length, question)
             ids, truncated = ids[: self.max_length], True
         limit = self.model.config.max_position_embeddings
         if self.model.config.rope_scaling is not None and len(ids) > limit:

@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .base import Backbone, PreparedImage, Segment, Tokenized, cache_argument, output_cache, reference_messages
+from .base import (Backbone, PreparedImage, Segment, Tokenized, cache_argument, check_prefix, output_cache,
+                   reference_messages)
 
 __all__ = ["MllamaBackbone", "MllamaImageFeatures"]
 
@@ -233,10 +234,7 @@ class MllamaBackbone(Backbone):
         truncated = False
         if self.max_length is not None and len(ids) > self.max_length:
             # The reference tokenizes with truncation=True, max_length (right side, special tokens counted).
-            if prefix_len >= self.max_length:
-                raise ValueError(
-                    f"prompt of {len(ids)} tokens: the part up to the image alone exceeds max_length={self.max_length}"
-                )
+            check_prefix(len(ids), prefix_len, self.max_length, question)
             ids = ids[: self.max_length]
             truncated = True
         return Tokenized(ids=ids, prefix_len=prefix_len, truncated=truncated)

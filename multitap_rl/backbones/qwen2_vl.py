@@ -27,7 +27,9 @@ from .base import (
     PreparedImage,
     Segment,
     Tokenized,
+    PromptError,
     cache_argument,
+    check_prefix,
     output_cache,
     place_image_features,
     reference_messages,
@@ -152,20 +154,24 @@ class Qwen2VLBackbone(Backbone):
         prompt = self.prompt(text, question)
         pad = "<|image_pad|>"
         if prompt.count(pad) != 1:
-            raise ValueError(f"prompt must hold exactly one image placeholder, found {prompt.count(pad)}")
+            # The reference fails on such a sample (its processor cannot match the image tokens), so
+            # it is this sample's error, named by the field that holds the placeholder.
+            field = "question" if question is not None and pad in question else "text"
+            raise PromptError(f"holds the image placeholder {pad!r}, which the prompt may hold only once (the image)",
+                              field)
         prompt = prompt.replace(pad, pad * image.num_tokens)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ends = [i for i, t in enumerate(ids) if t == self.vision_end_id]
-        if not ends:
-            raise ValueError("tokenized prompt has no <|vision_end|> token: tokenizer does not match the model")
-        prefix_len = ends[-1] + 1
+        # The image block ends where the layout put it: the <|vision_end|> right after the one run of
+        # image tokens (a literal <|vision_end|> in the user's text is just text).
+        last = ids.index(self.image_token_id) + image.num_tokens - 1 if self.image_token_id in ids else -1
+        if last < 0 or last + 1 >= len(ids) or ids[last] != self.image_token_id or ids[last + 1] != self.vision_end_id:
+            raise ValueError("tokenized prompt has no image block ending in <|vision_end|>: tokenizer does not match "
+                             "the model")
+        prefix_len = last + 2
         truncated = False
         if self.max_length is not None and len(ids) > self.max_length:
             # The reference tokenizes with truncation=True, max_length=1024 (right side).
-            if prefix_len >= self.max_length:
-                raise ValueError(
-                    f"prompt of {len(ids)} tokens: the image block alone exceeds max_length={self.max_length}"
-                )
+            check_prefix(len(ids), prefix_len, self.max_length, question)
             ids = ids[: self.max_length]
             truncated = True
         return Tokenized(ids=ids, prefix_len=prefix_len, truncated=truncated)
