@@ -92,26 +92,49 @@ def resolve_dir(name_or_path: str | os.PathLike, *, what: str, allow_patterns: l
         ) from None
 
 
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names a safetensors index names (sorted, unique), each checked: the index is
+    a JSON object whose ``weight_map`` maps every tensor name to the name of a file directly inside
+    the index's folder."""
+    try:
+        doc = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
+    if not isinstance(doc, dict) or "weight_map" not in doc:
+        raise CheckpointError(f"{index}: not a safetensors index (expected a JSON object with a 'weight_map')")
+    weight_map = doc["weight_map"]
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: 'weight_map' must be a non-empty object mapping tensor names to shard file "
+                              f"names, got {_shown(weight_map)}")
+    for key, f in weight_map.items():
+        if not isinstance(f, str) or not f.strip():
+            raise CheckpointError(f"{index}: 'weight_map' entry {key!r} must be a shard file name (a string), "
+                                  f"got {_shown(f)}")
+    files = sorted(set(weight_map.values()))
+    root = index.parent.resolve()
+    for f in files:  # a shard must be a file inside the checkpoint folder, never ../elsewhere
+        if Path(f).is_absolute() or (index.parent / f).resolve().parent != root:
+            raise CheckpointError(f"{index}: shard {f!r} lies outside the checkpoint folder; refusing to read it")
+    return files
+
+
 def _shards(ckpt_dir: Path) -> list[Path]:
-    index = ckpt_dir / "model.safetensors.index.json"
+    index, single = ckpt_dir / INDEX_FILE, ckpt_dir / SINGLE_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
-        files = sorted(set(weight_map.values()))
-        root = ckpt_dir.resolve()
-        for f in files:  # a shard must be a file inside the checkpoint folder, never ../elsewhere
-            target = (ckpt_dir / f).resolve()
-            if Path(f).is_absolute() or target.parent != root:
-                raise CheckpointError(f"{index}: shard {f!r} lies outside the checkpoint folder; refusing to read it")
+        files = _index_shards(index)
+        if single.is_file() and files != [SINGLE_FILE]:
+            # transformers reads the single file, we would read the index: two different models.
+            raise CheckpointError(
+                f"{ckpt_dir}: holds both {INDEX_FILE} (shards {files[:3]}{' ...' if len(files) > 3 else ''}) and "
+                f"{SINGLE_FILE}; which one is the model is ambiguous: remove one of them")
         missing = [f for f in files if not (ckpt_dir / f).is_file()]
         if missing:
             raise CheckpointError(f"{ckpt_dir}: shards named in the index are missing: {missing}")
         return [ckpt_dir / f for f in files]
-    single = ckpt_dir / "model.safetensors"
     if single.is_file():
         return [single]
     if any(ckpt_dir.glob("*.bin")) or any(ckpt_dir.glob("*.pt")):
@@ -119,7 +142,18 @@ def _shards(ckpt_dir: Path) -> list[Path]:
             f"{ckpt_dir}: only pickle weights (*.bin/*.pt) found; multitap-rl reads safetensors only "
             "(convert them once in a trusted environment)"
         )
-    raise CheckpointError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json")
+    raise CheckpointError(f"{ckpt_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "integer", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def _shown(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, with its JSON type: for error messages."""
+    text = repr(value)
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{text} ({_JSON_TYPES.get(type(value), type(value).__name__)})"
 
 
 def read_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
@@ -155,8 +189,52 @@ def check_tensor(t: torch.Tensor, where: str) -> None:
         raise CheckpointError(f"{where} holds {n} NaN or infinite value(s); refusing to score with it")
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+# Every field of multitap_config.json that the loader reads or save_pretrained writes: what it must
+# be, and the check. Other fields (extra_metadata, e.g. a training summary) are kept as they are.
+_META_FIELDS = {
+    "format": ("'multitap-rl'", lambda v: v == "multitap-rl"),
+    "format_version": ("1 (this multitap-rl reads format version 1)", lambda v: _positive_int(v) and v == 1),
+    "layout": ("'multitap' or 'released'", lambda v: isinstance(v, str) and v in ("multitap", "released")),
+    "family": ("a string (the backbone family)", lambda v: isinstance(v, str)),
+    "base_model": ("a non-empty string (a directory or hub id) or null",
+                   _optional(lambda v: isinstance(v, str) and bool(v.strip()))),
+    "rope": ("a non-empty string or null", _optional(lambda v: isinstance(v, str) and bool(v))),
+    "image_size": ("a positive integer or null", _optional(_positive_int)),
+    "max_length": ("a positive integer or null", _optional(_positive_int)),
+    "hidden_size": ("a positive integer", _positive_int),
+    "backbone_options": ("an object of keyword arguments or null", _optional(lambda v: isinstance(v, dict))),
+}
+_RESERVED_OPTIONS = ("rope", "image_size", "max_length")
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    """A ``CheckpointError`` naming ``path`` and the field for any field of the wrong type or value."""
+    for field, (want, ok) in _META_FIELDS.items():
+        if field in meta and not ok(meta[field]):
+            raise CheckpointError(f"{path}: field {field!r} must be {want}, got {_shown(meta[field])}; "
+                                  "repair or delete the file")
+    options = meta.get("backbone_options") or {}
+    bad = [k for k in options if not k.isidentifier()]
+    if bad:
+        raise CheckpointError(f"{path}: field 'backbone_options' has key(s) {bad} that are not keyword argument names")
+    reserved = sorted(set(_RESERVED_OPTIONS) & options.keys())
+    if reserved:
+        raise CheckpointError(f"{path}: field 'backbone_options' must not hold {reserved}: they are fields of "
+                              "their own")
+
+
 def read_multitap_config(ckpt_dir: Path) -> dict:
-    """Our ``multitap_config.json`` (``{}`` when absent); a corrupt one is a ``CheckpointError``."""
+    """Our ``multitap_config.json`` (``{}`` when absent). A corrupt one, or one with a field of the
+    wrong type (``"image_size": "big"``, ``"backbone_options": "x"``), is a ``CheckpointError``
+    naming the file and the field: the loader can use every field it returns as it is."""
     path = ckpt_dir / MULTITAP_CONFIG
     if not path.is_file():
         return {}
@@ -166,6 +244,7 @@ def read_multitap_config(ckpt_dir: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({exc}); repair or delete it") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    _check_meta(meta, path)
     return meta
 
 
@@ -239,7 +318,7 @@ def save_sharded(state: dict[str, torch.Tensor], out_dir: Path, max_shard_size: 
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in [*out_dir.glob("model*.safetensors"), out_dir / "model.safetensors.index.json"]:
+    for old in [*out_dir.glob("model*.safetensors"), out_dir / INDEX_FILE]:  # neither a stale index nor file
         old.unlink(missing_ok=True)
     limit = max(1, _parse_size(max_shard_size))
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -253,7 +332,7 @@ def save_sharded(state: dict[str, torch.Tensor], out_dir: Path, max_shard_size: 
         shards[-1][key] = t
         size += n
     if len(shards) == 1:
-        path = out_dir / "model.safetensors"
+        path = out_dir / SINGLE_FILE
         save_file(shards[0], str(path), metadata={"format": "pt"})
         return [path]
     weight_map, paths, total = {}, [], 0
@@ -265,34 +344,54 @@ def save_sharded(state: dict[str, torch.Tensor], out_dir: Path, max_shard_size: 
             weight_map[key] = name
             total += t.numel() * t.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return paths
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes()
+# Bytes hashed per ``update`` call when a tensor must be copied to be read in order (non-contiguous
+# or not on the CPU): the fingerprint never holds more than this beyond the tensors themselves.
+_HASH_CHUNK_BYTES = 64 * 2**20
 
 
-def checkpoint_fingerprint(backbone_state: Mapping[str, torch.Tensor], head_state: Mapping[str, torch.Tensor],
-                           n_small: int = 4) -> str:
-    """A cheap identity of a checkpoint: ``"sha256:<32 hex>"``.
+def _hash_tensor(h, t: torch.Tensor) -> None:
+    """Feed every byte of ``t`` (row-major, its own dtype) into ``h``, in bounded memory.
 
-    Hashes the sorted ``(key, shape, dtype)`` list of the backbone weights, the bytes of the reward
-    head, and the bytes of the ``n_small`` smallest backbone tensors (norm weights and biases, which
-    fine-tuning moves). It reads only tensors already in memory; multi-GB shards are not re-hashed.
-    ``backbone_state`` should use the module's key names (after remapping), so the released layout
-    and a re-saved copy of the same weights agree.
+    A contiguous CPU tensor is hashed in place (no copy); any other tensor is copied slab by slab
+    along its first dimension, each slab at most ``_HASH_CHUNK_BYTES`` (or one row, recursively)."""
+    t = t.detach()
+    if t.dim() == 0:
+        t = t.reshape(1)
+    if t.device.type == "cpu" and t.is_contiguous():
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        return
+    row_bytes = max(1, t[0].numel() * t.element_size()) if len(t) else 1
+    if row_bytes > _HASH_CHUNK_BYTES and t.dim() > 1:
+        for row in t:
+            _hash_tensor(h, row)
+        return
+    step = max(1, _HASH_CHUNK_BYTES // row_bytes)
+    for i in range(0, len(t), step):
+        _hash_tensor(h, t[i : i + step].to("cpu").contiguous())
+
+
+def checkpoint_fingerprint(backbone_state: Mapping[str, torch.Tensor], head_state: Mapping[str, torch.Tensor]) -> str:
+    """The identity of a checkpoint's weights: ``"sha256:<32 hex>"``.
+
+    Hashes, in sorted key order, every tensor's name, shape, dtype and *every byte* (backbone
+    tensors in the dtype they are stored in, the reward head as float64, which every stored head
+    dtype converts to exactly): any change to any weight the model uses changes it. Tensors are
+    hashed where they lie (no copy of a contiguous CPU tensor), so memory stays bounded; the cost
+    is one SHA-256 pass over the weights, about 0.6 s per GB on one CPU core with SHA extensions,
+    less than reading them costs. ``backbone_state`` should use the module's key names (after
+    remapping, the unused ``lm_head`` dropped), so the released layout and a re-saved copy of the
+    same weights agree; it must hold the weights as stored, not a cast of them (a model loaded in
+    bfloat16 from a float32 checkpoint has the checkpoint's fingerprint).
     """
-    h = hashlib.sha256(b"multitap-rl checkpoint fingerprint v1\n")
-    for key in sorted(backbone_state):
-        t = backbone_state[key]
-        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}\n".encode())
-    for key in sorted(head_state):
-        h.update(f"head:{key}\n".encode())
-        h.update(_tensor_bytes(head_state[key].float()))
-    small = sorted(backbone_state, key=lambda k: (backbone_state[k].numel(), k))[:n_small]
-    for key in small:
-        h.update(f"small:{key}\n".encode())
-        h.update(_tensor_bytes(backbone_state[key]))
+    h = hashlib.sha256(b"multitap-rl checkpoint fingerprint v2\n")
+    for prefix, state in (("backbone", backbone_state), ("head", head_state)):
+        for key in sorted(state):
+            t = state[key] if prefix == "backbone" else state[key].double()
+            h.update(f"{prefix}:{json.dumps(key)}|{tuple(t.shape)}|{t.dtype}\n".encode())
+            _hash_tensor(h, t)
     return "sha256:" + h.hexdigest()[:32]
