@@ -5,8 +5,10 @@ and ``run(args) -> int``; modules are imported only for the command that runs.
 
 Errors: a :class:`~multitap_rl.errors.MultiTapError` (bad input, files, settings) or an ``OSError``
 (a file that cannot be read or written) is printed as one line and exits with status 2; anything
-else is a bug and keeps its traceback. Machine-readable output goes to stdout alone; logging and
-progress bars go to stderr.
+else is a bug and keeps its traceback. Progress bars still open when a command fails are closed
+first, so the error starts on a line of its own. Settings read from the environment
+(``MULTITAP_MAX_IMAGE_PIXELS``) are checked before the command runs. Machine-readable output goes
+to stdout alone; logging and progress bars go to stderr.
 """
 
 from __future__ import annotations
@@ -57,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     set_result_stream(sys.stdout)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        with contextlib.redirect_stdout(sys.stderr):
-            code = int(module.run(args) or 0)
+        try:
+            _check_environment()
+            with contextlib.redirect_stdout(sys.stderr):
+                code = int(module.run(args) or 0)
+        except BaseException:
+            _close_progress_bars()  # the error (or traceback) starts on a fresh line of stderr
+            raise
     except (MultiTapError, OSError) as exc:
         if args.verbose:
             raise
@@ -69,6 +76,25 @@ def main(argv: list[str] | None = None) -> int:
     if code == 0 and launched_world_size() > 1:  # under accelerate launch / torchrun: leave together
         exit_launched_process(code)
     return code
+
+
+def _check_environment() -> None:
+    """The settings multitap-rl reads from environment variables, checked before any work (a bad one
+    is a ``ConfigError`` naming the variable and its value)."""
+    from .images import max_image_pixels
+
+    max_image_pixels()
+
+
+def _close_progress_bars() -> None:
+    """Close every tqdm bar still open (a command that failed mid-way leaves its bar on the line):
+    a bar kept on screen ends its line, a transient one is cleared, so what is printed next starts
+    at the beginning of a line."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:
+        return
+    for bar in list(getattr(std.tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

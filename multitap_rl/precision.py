@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, SampleError
 from .tf32 import tf32_matmuls
 
 __all__ = ["PRECISIONS", "DimensionAgreement", "PrecisionReport", "compare_precision", "format_reports",
@@ -124,13 +124,19 @@ def _precision_name(p) -> str:
 
 
 def _scores(load, precision: str, images, texts, questions, batch_size: int) -> tuple[str, dict[str, torch.Tensor]]:
-    """Load the model in ``precision``, score every sample, free the model: (device, {dim: (N,) float64})."""
+    """Load the model in ``precision``, score every sample, free the model: (device, {dim: (N,) float64}).
+    A bad sample is a ``SampleError`` whose index is its position among all N samples."""
     model = load(precision)
     try:
         parts = []
         for s in range(0, len(texts), batch_size):
             q = None if questions is None else questions[s:s + batch_size]
-            parts.append(model.score(images[s:s + batch_size], texts[s:s + batch_size], q))
+            try:
+                parts.append(model.score(images[s:s + batch_size], texts[s:s + batch_size], q))
+            except SampleError as exc:
+                if exc.index is None or exc.unit is not None:
+                    raise
+                raise exc.at(s + exc.index, detail=exc.detail) from exc  # the batch's index -> the caller's
         dims = {name: torch.cat([p.scores[name] for p in parts]).double() for name in parts[0].scores}
         device = str(model.device)
     finally:
@@ -169,7 +175,8 @@ def compare_precision(
             identical to fp32), "bf16", "fp16".
         batch_size: samples per ``score`` call.
 
-    Returns one :class:`PrecisionReport` per candidate. Bad samples raise ``SampleError``.
+    Returns one :class:`PrecisionReport` per candidate. A bad sample raises a ``SampleError`` whose
+    ``index`` is its position in ``images``/``texts`` (whatever ``batch_size`` is).
     """
     from .model import MultiTapModel
 

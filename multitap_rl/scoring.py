@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .backbones.base import Backbone, PreparedImage, Segment, Tokenized
-from .errors import ConfigError, DataError, SampleError
+from .errors import ConfigError, DataError, MultiTapError, SampleError
 from .images import image_key, load_image
 
 __all__ = ["EngineConfig", "FeatureEngine", "Request", "validate_batch"]
@@ -240,6 +240,8 @@ class FeatureEngine:
                 if errors is None:
                     raise
                 errors.setdefault(i, exc)
+            except MultiTapError:  # a setting, not this sample (e.g. a bad MULTITAP_MAX_IMAGE_PIXELS)
+                raise
             except ValueError as exc:  # the backbone's own check of this image
                 if errors is None:
                     raise SampleError(i, "image", str(exc)) from None

@@ -143,7 +143,7 @@ RAMP = np.linspace(0.0, 1.0, 64 * 64).reshape(64, 64)
 
 @pytest.mark.parametrize("name, encoded", [
     ("16-bit grey PNG", lambda: _png(Image.fromarray((RAMP * 65535).round().astype(np.uint16)))),
-    ("32-bit integer TIFF", lambda: _tiff(Image.fromarray((RAMP * (2**31 - 1)).round().astype(np.int32)))),
+    ("32-bit integer TIFF of 16-bit data", lambda: _tiff(Image.fromarray((RAMP * 65535).round().astype(np.int32)))),
     ("32-bit float TIFF in [0, 1]", lambda: _tiff(Image.fromarray(RAMP.astype(np.float32)))),
 ])
 def test_high_bit_depth_images_scale_by_their_range(name, encoded):

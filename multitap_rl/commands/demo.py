@@ -13,12 +13,17 @@ Offline (the default): the captioner world (:mod:`multitap_rl.world`) --
 Writes ``--output-dir``: ``report.json``, ``reward_curve.png``, ``heldout_accuracy.png``,
 ``samples.png``. With ``--checkpoint`` (a real MULTI-TAP model): score and rerank candidate
 captions with ``--weights`` and run a few GRPO steps of ``--policy`` against that reward.
+
+Every argument is checked before any work -- the weightings, the step counts, the seed, options
+that need ``--checkpoint``, and that ``--output-dir`` can be created and written (a probe file is
+written there and removed) -- so a bad one fails in a second, not after minutes of training.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import tempfile
 import time
@@ -84,17 +89,47 @@ def _quiet() -> None:
         pass
 
 
+_CHECKPOINT_ONLY = ("base_model", "heads", "policy", "device", "dtype")
+
+
+def _check_offline_arguments(args) -> None:
+    """The options of the real-model path are refused without ``--checkpoint`` (never ignored)."""
+    if args.images:
+        raise ConfigError("--images needs --checkpoint (the offline world draws its own held-out images)")
+    given = [f"--{name.replace('_', '-')}" for name in _CHECKPOINT_ONLY if getattr(args, name) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} need(s) --checkpoint: the offline world trains its own judge and "
+                          "captioner on the CPU")
+
+
+def _writable_output_dir(value: str) -> Path:
+    """``--output-dir`` resolved, created and proven writable (a probe file written and removed)
+    before any work; a ``ConfigError`` saying why not otherwise (a file there or above it, no
+    permission, a read-only file system)."""
+    out = Path(value).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".multitap-demo-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"--output-dir {out}: cannot create it or write there ({exc.strerror or exc}); pass a "
+                          "writable directory") from None
+    return out
+
+
 def run(args) -> int:
     _quiet()
     if args.checkpoint is not None:
         return _run_checkpoint(args)
-    if args.images:
-        raise ConfigError("--images needs --checkpoint (the offline world draws its own held-out images)")
+    _check_offline_arguments(args)
     from ..world import CaptionerWorldConfig, run_captioner_world
     from ..world.captioner import check_targets
     from ..world.report import final_table, write_plots
 
-    # Every argument is checked here, before any training.
+    # Every argument is checked here, before any training; the output directory last (it is created).
     cfg = CaptionerWorldConfig(
         seed=args.seed, weights=args.weights or "color=1",
         steering=tuple(w.strip() for w in args.steer_weights.split(";") if w.strip()) if args.steering else (),
@@ -102,10 +137,7 @@ def run(args) -> int:
         judge_steps=args.judge_steps)
     if args.steering and not cfg.steering:
         raise ConfigError("--steering needs at least one weighting in --steer-weights")
-    out = Path(args.output_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output-dir {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _writable_output_dir(args.output_dir)
     emit(f"multitap-rl demo: the captioner world, seed {cfg.seed}; report and plots go to {out}")
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="multitap-demo-") as tmp:
@@ -121,6 +153,22 @@ def run(args) -> int:
     return 0
 
 
+def _check_checkpoint_arguments(args) -> None:
+    """What the real-model path can check before the model loads: the seed, the step count, the
+    weights' syntax (their names need the model's dimensions) and the image files."""
+    from ..combiner import Weights
+    from ..world.captioner import check_seed
+
+    check_seed(args.seed, "--seed")
+    if args.grpo_steps is not None and args.grpo_steps < 0:
+        raise ConfigError(f"--grpo-steps must be >= 0, got {args.grpo_steps}")
+    if args.weights is not None:
+        Weights.parse(args.weights)
+    missing = [str(f) for f in args.images or () if not Path(f).expanduser().is_file()]
+    if missing:
+        raise ConfigError(f"--images: file(s) not found: {', '.join(missing)}")
+
+
 def _run_checkpoint(args) -> int:
     """A real MULTI-TAP model: rerank candidate captions with the weights, a few GRPO steps."""
     from reward_fns import rerank
@@ -132,11 +180,12 @@ def _run_checkpoint(args) -> int:
         ShapeScene,
         draw_shapes_image,
     )
+    from ..combiner import Weights
     from ..model import MultiTapModel
 
+    _check_checkpoint_arguments(args)
     model = MultiTapModel.from_pretrained(args.checkpoint, base_model=args.base_model, heads=args.heads,
                                           device=args.device, dtype=args.dtype)
-    from ..combiner import Weights
 
     weights = args.weights or ",".join(f"{d}=1" for d in model.dimension_names)
     Weights.parse(weights).check(model.dimension_names)

@@ -34,6 +34,8 @@ def add_arguments(p) -> None:
 
 
 def _samples(path: str):
+    """(images, texts, questions or None, each row's input line) of the ``--input`` file; a bad row
+    is a ``SampleError`` naming its line."""
     from pathlib import Path
 
     from ..data.rows import read_json_rows, resolve_image
@@ -52,14 +54,21 @@ def _samples(path: str):
         image = resolve_image(row["image"], p.resolve().parent)
         if not isinstance(image, (str, os.PathLike)) or not os.path.isfile(image):
             raise SampleError(line, "image", f"file not found: {image}", unit="line", source=str(p))
+        if not isinstance(row["text"], str):
+            raise SampleError(line, "text", f"expected str, got {type(row['text']).__name__}", unit="line",
+                              source=str(p))
+        q = row.get("question")
+        if q is not None and not isinstance(q, str):
+            raise SampleError(line, "question", f"expected str or null, got {type(q).__name__}", unit="line",
+                              source=str(p))
         images.append(image)
         texts.append(row["text"])
-        questions.append(row.get("question"))
+        questions.append(q)
     has_q = [q is not None for q in questions]
     if any(has_q) and not all(has_q):
         raise DataError(f"{p}: some rows have a question and some do not; the precision check scores one task at "
                         "a time")
-    return images, texts, (questions if all(has_q) else None)
+    return images, texts, (questions if all(has_q) else None), lines
 
 
 def run(args) -> int:
@@ -76,16 +85,21 @@ def run(args) -> int:
         raise ConfigError("--group-size must be >= 2")
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
-    images, texts, questions = _samples(args.input)
+    images, texts, questions, lines = _samples(args.input)
     if len(texts) % args.group_size:
         raise DataError(f"{args.input}: {len(texts)} rows do not form groups of {args.group_size}; give a multiple of "
                         f"{args.group_size} rows, each group's rows consecutive")
-    # 2. Score in each precision and compare.
-    reports = compare_precision(
-        args.checkpoint, images, texts, questions, group_size=args.group_size, reference=args.reference,
-        candidates=candidates, base_model=args.base_model, heads=args.heads, device=args.device, rope=args.rope,
-        image_size=args.image_size, max_length=args.max_length, batch_size=args.batch_size,
-    )
+    # 2. Score in each precision and compare; a bad sample is named by its input line.
+    try:
+        reports = compare_precision(
+            args.checkpoint, images, texts, questions, group_size=args.group_size, reference=args.reference,
+            candidates=candidates, base_model=args.base_model, heads=args.heads, device=args.device, rope=args.rope,
+            image_size=args.image_size, max_length=args.max_length, batch_size=args.batch_size,
+        )
+    except SampleError as exc:
+        if exc.index is None or exc.unit is not None or not 0 <= exc.index < len(lines):
+            raise
+        raise exc.at(lines[exc.index], unit="line", source=args.input) from exc
     if args.json:
         emit(json.dumps({"reports": [r.to_dict() for r in reports]}, indent=2))
     else:

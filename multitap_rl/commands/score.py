@@ -5,10 +5,15 @@ Each output row is the input row unchanged (its own fields, ``image`` as written
 ``{"error": "..."}`` for a row that could not be scored under ``--on-invalid skip``. A row that
 already has that key is refused (nothing of the user's is overwritten). Relative image paths are
 read next to the JSONL file.
+
+Output is all or nothing: ``--output`` is written to a temporary file renamed into place when
+every row is scored; on stdout the rows are held until every row is scored, so a run that fails
+half-way writes nothing there either.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -26,7 +31,9 @@ def add_arguments(p) -> None:
     src.add_argument("--input", help='JSONL rows {"image": path, "text": str, "question"?: str, ...}')
     p.add_argument("--text", help="the caption or response to score (with --image)")
     p.add_argument("--question", default=None, help="instruction-task question (with --image)")
-    p.add_argument("--output", default=None, help="write JSONL here (default: stdout)")
+    p.add_argument("--output", default=None,
+                   help="write JSONL here, atomically (default: stdout, written once every row is scored: a run that "
+                        "fails writes nothing)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--score-key", default="multitap", help="the key each row's scores go under (default multitap)")
     p.add_argument("--on-invalid", default="raise", choices=["raise", "skip"],
@@ -83,9 +90,10 @@ def _problem(row: dict, root: Path | None, score_key: str):
 
 
 def _open_output(args):
-    """(file handle, temporary path or None): the output is checked before any scoring."""
+    """(file handle, temporary path or None): the output is checked before any scoring. Without
+    ``--output`` the handle is an in-memory buffer, copied to stdout only when every row is scored."""
     if not args.output:
-        return result_stream(), None
+        return io.StringIO(), None
     out = Path(args.output)
     if out.is_dir():
         raise ConfigError(f"--output {out} is a directory; give a file path")
@@ -94,6 +102,13 @@ def _open_output(args):
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.resolve().parent, prefix=f".{out.name}.", suffix=".tmp")
     return os.fdopen(fd, "w", encoding="utf-8"), tmp
+
+
+def _flush_to_stdout(text: str) -> None:
+    """Write every scored row to the result stream (stdout) at once."""
+    stream = result_stream()
+    stream.write(text)
+    stream.flush()
 
 
 def run(args) -> int:
@@ -118,36 +133,38 @@ def run(args) -> int:
             errors[k] = named
     out_fh, tmp = _open_output(args)
 
-    # 2. Score in batches, in order; bad rows stop the run or are written with their error.
+    # 2. Score in batches, in order; bad rows stop the run or are written with their error. The bar
+    # is closed on any exit, so an error starts on a line of its own.
     try:
         model = load_model(args)
-        bar = tqdm(total=len(rows), desc="scoring", unit="row", file=sys.stderr, disable=args.input is None)
-        for start in range(0, len(rows), args.batch_size):
-            idx = [k for k in range(start, min(start + args.batch_size, len(rows))) if k not in errors]
-            scores: dict[int, dict] = {}
-            if idx:
-                questions = [rows[k].get("question") for k in idx]
-                try:
-                    result = model.score([images[k] for k in idx], [rows[k]["text"] for k in idx],
-                                         questions if any(q is not None for q in questions) else None,
-                                         on_invalid=args.on_invalid)
-                except SampleError as exc:
-                    raise exc.at(lines[idx[exc.index]], unit="line", source=source) from exc
-                per_row = result.rows()
-                for j, k in enumerate(idx):
-                    if j in result.errors:
-                        errors[k] = result.errors[j].at(lines[k], unit="line", source=source)
-                    else:
-                        scores[k] = per_row[j]
-            for k in range(start, min(start + args.batch_size, len(rows))):
-                value = scores[k] if k in scores else {"error": str(errors[k])}
-                out_fh.write(json.dumps({**rows[k], args.score_key: value}, ensure_ascii=False) + "\n")
-            bar.update(min(args.batch_size, len(rows) - start))
-        bar.close()
+        with tqdm(total=len(rows), desc="scoring", unit="row", file=sys.stderr, disable=args.input is None) as bar:
+            for start in range(0, len(rows), args.batch_size):
+                idx = [k for k in range(start, min(start + args.batch_size, len(rows))) if k not in errors]
+                scores: dict[int, dict] = {}
+                if idx:
+                    questions = [rows[k].get("question") for k in idx]
+                    try:
+                        result = model.score([images[k] for k in idx], [rows[k]["text"] for k in idx],
+                                             questions if any(q is not None for q in questions) else None,
+                                             on_invalid=args.on_invalid)
+                    except SampleError as exc:
+                        raise exc.at(lines[idx[exc.index]], unit="line", source=source) from exc
+                    per_row = result.rows()
+                    for j, k in enumerate(idx):
+                        if j in result.errors:
+                            errors[k] = result.errors[j].at(lines[k], unit="line", source=source)
+                        else:
+                            scores[k] = per_row[j]
+                for k in range(start, min(start + args.batch_size, len(rows))):
+                    value = scores[k] if k in scores else {"error": str(errors[k])}
+                    out_fh.write(json.dumps({**rows[k], args.score_key: value}, ensure_ascii=False) + "\n")
+                bar.update(min(args.batch_size, len(rows) - start))
         if tmp:
             out_fh.close()
             os.replace(tmp, args.output)
             tmp = None
+        else:
+            _flush_to_stdout(out_fh.getvalue())
     finally:
         if tmp:
             out_fh.close()

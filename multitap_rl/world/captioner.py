@@ -16,6 +16,7 @@ Phases (:func:`run_captioner_world`):
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -75,18 +76,32 @@ class CaptionerWorldConfig:
 
     def __post_init__(self):
         self.pool = make_pool(self.colors, self.shapes, self.positions)
+        check_seed(self.seed, "seed")
         for name in ("judge_color_steps", "heads_n", "warm_batch_size", "batch_size", "num_generations",
                      "max_completion_length", "n_train_images", "eval_repeats", "image_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("judge_steps", "warm_steps", "grpo_steps", "eval_every", "n_sheet"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         if self.batch_size % self.num_generations:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of num_generations "
                               f"({self.num_generations})")
-        if not 0.0 <= self.malformed < 1.0:
-            raise ConfigError(f"malformed must lie in [0, 1), got {self.malformed}")
+        if not _is_real(self.malformed) or not 0.0 <= self.malformed < 1.0:
+            raise ConfigError(f"malformed must lie in [0, 1), got {self.malformed!r}")
+        for name in ("judge_lr", "warm_lr", "learning_rate"):
+            if not _is_real(getattr(self, name)) or not 0.0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        if not _is_real(self.beta) or not 0.0 <= self.beta < math.inf:
+            raise ConfigError(f"beta must be a finite number >= 0, got {self.beta!r}")
+        if not _is_real(self.min_p) or not 0.0 <= self.min_p < 1.0:
+            raise ConfigError(f"min_p must lie in [0, 1), got {self.min_p!r}")
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ConfigError(f"prompt must be a non-empty string, got {self.prompt!r}")
+        if not isinstance(self.weights, str) or isinstance(self.steering, str) \
+                or not all(isinstance(w, str) for w in self.steering):
+            raise ConfigError(f"weights must be a string and steering a tuple of strings, got {self.weights!r} and "
+                              f"{self.steering!r}")
         if any(a not in ATTRIBUTES for a in self.judge_attributes) or not self.judge_attributes:
             raise ConfigError(f"judge_attributes must be names from {ATTRIBUTES}, got {self.judge_attributes}")
         for w in (self.weights, *self.steering):
@@ -102,6 +117,22 @@ class CaptionerWorldConfig:
 
 
 DIMENSIONS = ("overall", *ATTRIBUTES)
+_MAX_SEED = 2**32 - 1  # numpy's seeds (transformers' set_seed, under GRPO) are 32-bit
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` if it is an int in [0, 2**32 - 1] (every seeded library takes it), else a ``ConfigError``."""
+    if not _is_int(seed) or not 0 <= seed <= _MAX_SEED:
+        raise ConfigError(f"{name} must be an int in [0, {_MAX_SEED}], got {seed!r}")
+    return seed
 
 
 def parse_weights(spec: str):
