@@ -26,7 +26,8 @@ import torch
 
 from .dimensions import OVERALL, check_dimension_name
 from .distributed import collective_device, distributed_group
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, SampleError
+from .heads import FLOAT32_MAX, as_real, normalization_problem, real_pair
 from .yamlio import load_yaml_file, load_yaml_text
 
 __all__ = [
@@ -42,38 +43,55 @@ __all__ = [
 NORMALIZATIONS = ("none", "fixed", "running")
 
 
-def _number(name, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"weight for {name!r} must be a number, got {value!r}")
-    return float(value)
+def _finite32(value, what: str) -> float:
+    """``value`` as a float if it is a real number (Python, numpy or a one-element torch/numpy
+    value; not a bool) that is finite and within float32 range (rewards are float32), else a
+    ``ConfigError`` saying which of these it is not."""
+    x = as_real(value)
+    if x is None:
+        raise ConfigError(f"{what} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(x):
+        raise ConfigError(f"{what} must be a finite number, got {value!r}")
+    if abs(x) > FLOAT32_MAX:
+        raise ConfigError(f"{what} = {x:g} is beyond float32 range (|value| <= {FLOAT32_MAX:.4g}); rewards are "
+                          "float32")
+    return x
 
 
 @dataclass(frozen=True)
 class Weights:
-    """An ordered, immutable map ``dimension -> weight`` (finite floats, at least one non-zero).
+    """An ordered, immutable map ``dimension -> weight`` (at least one non-zero).
 
-    ``pairs``: ``((name, weight), ...)`` in the order given."""
+    ``pairs``: ``((name, weight), ...)`` in the order given. A weight may be any real number
+    (Python, numpy, a one-element tensor; not a bool) and is stored as a float; NaN, inf and values
+    beyond float32 range (the reward's dtype) are refused."""
 
     pairs: tuple[tuple[str, float], ...]
 
     def __post_init__(self):
-        if not self.pairs:
+        if isinstance(self.pairs, (str, bytes, Mapping)) or not isinstance(self.pairs, Iterable):
+            raise ConfigError(f"weights pairs must be (name, weight) pairs, got {type(self.pairs).__name__}")
+        pairs = tuple(self.pairs)
+        if not pairs:
             raise ConfigError("weights are empty; give at least one dimension, e.g. 'overall=1'")
-        seen = set()
-        for name, w in self.pairs:
+        seen, checked = set(), []
+        for pair in pairs:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ConfigError(f"weights pairs must be (name, weight) pairs, got {pair!r}")
+            name, w = pair
             check_dimension_name(name, "dimension name in weights")
             if name in seen:
                 raise ConfigError(f"dimension {name!r} appears twice in weights")
             seen.add(name)
-            if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
-                raise ConfigError(f"weight for {name!r} must be a finite number, got {w!r}")
+            checked.append((name, _finite32(w, f"weight for {name!r}")))
+        object.__setattr__(self, "pairs", tuple(checked))  # every weight a float
         if all(w == 0 for _, w in self.pairs):
             raise ConfigError("all weights are zero")
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, mapping: Mapping[str, float]) -> Weights:
-        return cls(tuple((str(k), _number(k, v)) for k, v in mapping.items()))
+        return cls(tuple((str(k), _finite32(v, f"weight for {k!r}")) for k, v in mapping.items()))
 
     @classmethod
     def from_string(cls, spec: str) -> Weights:
@@ -99,14 +117,41 @@ class Weights:
 
     @classmethod
     def _from_yaml_data(cls, data, where: str) -> Weights:
-        if isinstance(data, dict) and "weights" in data:
-            data = data["weights"]
+        """``{weights: {dim: w, ...}, description: "..."}`` or ``{dim: w, ...}``, every field checked:
+        errors name the file (``where``) and the field."""
         if not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a mapping of dimension -> weight")
+            raise ConfigError(f"{where}: expected a mapping of dimension -> weight (or 'weights:' holding one), "
+                              f"got {type(data).__name__}")
+        if "weights" in data:
+            unknown = sorted(str(k) for k in data if k not in ("weights", "description"))
+            if unknown:
+                raise ConfigError(f"{where}: unknown field(s) {unknown} beside 'weights' (a weights file holds "
+                                  "'weights' and an optional 'description')")
+            if data.get("description") is not None and not isinstance(data["description"], str):
+                raise ConfigError(f"{where}: field 'description' must be a string, got "
+                                  f"{type(data['description']).__name__}")
+            data = data["weights"]
+            if not isinstance(data, dict):
+                raise ConfigError(f"{where}: field 'weights' must be a mapping of dimension -> weight, got "
+                                  f"{type(data).__name__} {data!r:.60}")
+        bad = [k for k in data if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"{where}: dimension names must be strings, got {bad!r:.80}")
         try:
             return cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+
+    @classmethod
+    def preset(cls, name: str) -> Weights:
+        """The weights preset ``name`` (:func:`~multitap_rl.presets.list_presets`), never a file of
+        that name in the working directory; a ``ConfigError`` if there is none or it is broken."""
+        from .presets import list_presets, preset_text
+
+        found = preset_text("weights", name)
+        if found is None:
+            raise ConfigError(f"no weights preset {name!r}; presets: {list_presets('weights')}")
+        return cls.from_yaml_text(found[1], found[0])
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Weights:
@@ -179,10 +224,8 @@ class Gate:
         check_dimension_name(self.dim, "gate dimension")
         if self.mode not in ("cap", "penalty"):
             raise ConfigError(f"gate mode must be 'cap' or 'penalty', got {self.mode!r}")
-        for n in ("threshold", "value"):
-            v = getattr(self, n)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ConfigError(f"gate {n} must be a finite number, got {v!r}")
+        for n in ("threshold", "value"):  # any real number, stored as a float
+            object.__setattr__(self, n, _finite32(getattr(self, n), f"gate {n}"))
 
     @classmethod
     def parse(cls, spec: Gate | Mapping | str) -> Gate:
@@ -227,9 +270,10 @@ class RunningStats:
     process group (default: all ranks); ``False`` keeps statistics per process."""
 
     def __init__(self, momentum: float = 0.99, eps: float = 1e-6, group=None):
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+        m = as_real(momentum)
+        if m is None or not 0.0 <= m < 1.0:
             raise ConfigError(f"momentum must be a number in [0, 1), got {momentum!r}")
-        self.momentum, self.eps, self.group = float(momentum), eps, group
+        self.momentum, self.eps, self.group = m, eps, group
         self.mean: dict[str, float] = {}
         self.var: dict[str, float] = {}
 
@@ -333,6 +377,29 @@ def _vector(name: str, v) -> torch.Tensor:
     return t
 
 
+def _fixed_stats(name: str, value) -> tuple[float, float]:
+    """``(mean, std)`` of dimension ``name`` for fixed normalisation: two real numbers whose
+    ``(x - mean) / std`` is finite in float32 for scores of ordinary size
+    (:func:`~multitap_rl.heads.normalization_problem`), else a ``ConfigError`` naming the dimension."""
+    pair = real_pair(value)
+    if pair is None:
+        raise ConfigError(f"fixed normalisation of {name!r}: stats must be (mean, std), two numbers, got {value!r}")
+    problem = normalization_problem(pair[0], pair[1], (0.0, 1.0) if name == OVERALL else None)
+    if problem:
+        raise ConfigError(f"fixed normalisation of {name!r}: needs a finite mean and a std > 0 that keep "
+                          f"(x - mean) / std finite in float32, got ({pair[0]}, {pair[1]}): {problem}")
+    return pair[0], pair[1]
+
+
+def _check_finite(values: torch.Tensor, name: str, what: str) -> None:
+    """A ``SampleError`` naming the first sample (its index in this call) whose ``values`` entry is
+    not finite: float32 overflow in normalising or weighting is that sample's error, never an inf."""
+    finite = torch.isfinite(values.detach())
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0])
+        raise SampleError(i, "score", f"{name}: {what} is not finite in float32 ({float(values[i].detach())})")
+
+
 class RewardCombiner:
     """Weights + normalisation + gates over named per-sample scores.
 
@@ -359,6 +426,8 @@ class RewardCombiner:
         for g in self.gates:
             if g.dim not in self.available:
                 raise ConfigError(f"gate on unknown dimension {g.dim!r}; valid names: {self.available}")
+        if stats is not None and not isinstance(stats, Mapping):
+            raise ConfigError(f"stats must map dimension -> (mean, std), got {type(stats).__name__}")
         self.stats = dict(stats or {})
         if normalize == "fixed":
             missing = [n for n in self.weights.names if n not in self.stats]
@@ -366,10 +435,7 @@ class RewardCombiner:
                 raise ConfigError(f"normalize='fixed' needs (mean, std) for {missing}; the heads file stores them "
                                   "for its dimensions (use 'none' or 'running' otherwise)")
             for n in self.weights.names:  # only the weighted dimensions are divided by their std
-                mean, std = self.stats[n]
-                if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-                    raise ConfigError(f"fixed normalisation of {n!r}: needs a finite mean and a std > 0, got "
-                                      f"({mean}, {std})")
+                self.stats[n] = _fixed_stats(n, self.stats[n])
         self.running = RunningStats(momentum) if normalize == "running" else None
 
     def __call__(self, dims: Mapping[str, torch.Tensor]) -> CombinedReward:
@@ -401,8 +467,10 @@ class RewardCombiner:
             if self.normalize == "fixed":
                 mean, std = self.stats[name]
                 v = (v - mean) / std
+                _check_finite(v, name, f"the normalised value (x - {mean:g}) / {std:g}")
             elif self.normalize == "running" and n:
                 v = self.running.normalize(name, v)
+                _check_finite(v, name, "the value normalised with running statistics")
             normalized[name] = v.detach()
             reward = reward + w * v
         # 4. Gates on the raw values: a cap is a constant (no gradient), a penalty keeps it.
@@ -414,5 +482,6 @@ class RewardCombiner:
                 reward = torch.where(low, torch.clamp(reward, max=g.value), reward)
             else:
                 reward = torch.where(low, reward - g.value, reward)
+        _check_finite(reward, "reward", "the weighted sum " + " + ".join(f"{w:g}*{k}" for k, w in self.weights.items()))
         return CombinedReward(reward=reward, dims={k: v.detach() for k, v in raw.items()}, normalized=normalized,
                               gated=gated)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +27,8 @@ import torch
 from .dimensions import OVERALL, check_dimension_name
 from .errors import HeadsError
 
-__all__ = ["HEADS_FORMAT", "HeadsError", "RidgeHeads", "convert_legacy_heads"]
+__all__ = ["HEADS_FORMAT", "HeadsError", "RidgeHeads", "as_real", "convert_legacy_heads", "normalization_problem",
+           "real_pair"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,20 +59,95 @@ def check_head_names(names: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def _check_stats(stats) -> dict[str, tuple[float, float]]:
-    """``{dim: (mean, std)}`` with finite means and finite positive stds, or a ``HeadsError``."""
+# Scores and normalised rewards are float32 tensors: a statistic must survive that arithmetic.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
+
+
+def normalization_problem(mean: float, std: float, span: Sequence[float] | None = None) -> str | None:
+    """Why ``(x - mean) / std`` (computed in float32, as :class:`~multitap_rl.combiner.RewardCombiner`
+    does) cannot be trusted to be finite, or None if it can.
+
+    ``mean`` must be a finite float32 and ``std`` a *normal* float32 (``FLOAT32_TINY <= std <=
+    FLOAT32_MAX``): a smaller std is rounded towards 0 in float32 and a deviation of 1 would then
+    normalise to more than ``1 / FLOAT32_TINY`` ~ 8.5e37, i.e. to inf for any score of ordinary size.
+    ``span`` (the dimension's range ``(lo, hi)``, when known): both ends must normalise to finite
+    float32 values (computed in float64)."""
+    if not (math.isfinite(mean) and math.isfinite(std)):
+        return "the mean and the std must be finite"
+    if abs(mean) > FLOAT32_MAX:
+        return f"the mean is outside the float32 range (|mean| <= {FLOAT32_MAX:.4g}) the scores are in"
+    if not FLOAT32_TINY <= std <= FLOAT32_MAX:
+        return (f"the std must be a normal float32, between {FLOAT32_TINY:.4g} and {FLOAT32_MAX:.4g} (a smaller one "
+                "turns ordinary scores into inf)")
+    if span is not None:
+        worst = max(abs(float(span[0]) - mean), abs(float(span[1]) - mean)) / std
+        if not worst <= FLOAT32_MAX:
+            return (f"the dimension's range [{float(span[0]):g}, {float(span[1]):g}] normalises to {worst:.4g}, "
+                    "beyond float32")
+    return None
+
+
+def as_real(value) -> float | None:
+    """``value`` as a float if it is a real number -- any ``numbers.Real`` (Python, numpy) or a
+    one-element real torch tensor / numpy array -- else None. Booleans are not numbers here.
+    NaN and inf are returned as they are: callers decide whether they are allowed."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0 and value.dtype not in (torch.bool, np.bool_) \
+            and not (value.dtype.is_complex if isinstance(value, torch.Tensor) else np.iscomplexobj(value)):
+        return float(value.item())
+    return None
+
+
+def real_pair(value) -> tuple[float, float] | None:
+    """Two real numbers (a list, tuple or 1-D array of two, see :func:`as_real`) as floats, else None."""
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 1:
+        value = list(value)
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)) or len(value) != 2:
+        return None
+    pair = [as_real(x) for x in value]
+    return None if None in pair else (pair[0], pair[1])
+
+
+def _pair(value, what: str) -> tuple[float, float]:
+    """``(mean, std)`` as floats from two real numbers, else a ``HeadsError``."""
+    pair = real_pair(value)
+    if pair is None:
+        raise HeadsError(f"{what} must be [mean, std] (two numbers), got {value!r}")
+    return pair
+
+
+def _span(ranges, name: str) -> tuple[float, float] | None:
+    """The target range of ``name`` from heads metadata ``target_ranges`` (``overall`` is a
+    sigmoid: [0, 1]); None when it is absent or not two finite numbers."""
+    if name == OVERALL:
+        return (0.0, 1.0)
+    r = ranges.get(name) if isinstance(ranges, Mapping) else None
+    try:
+        lo, hi = (float(x) for x in r)
+    except (TypeError, ValueError):
+        return None
+    return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
+
+
+def _check_stats(stats, ranges: Mapping | None = None) -> dict[str, tuple[float, float]]:
+    """``{dim: (mean, std)}`` whose normalisation ``(x - mean) / std`` is finite in float32 for
+    scores in the dimension's range (``ranges``: ``{dim: [lo, hi]}``, e.g. the heads' target
+    ranges), see :func:`normalization_problem`; else a ``HeadsError`` naming the dimension."""
     if stats is None:
         return {}
     if not isinstance(stats, Mapping):
         raise HeadsError(f"stats must map dimension -> [mean, std], got {type(stats).__name__}")
     out = {}
     for k, v in stats.items():
-        try:
-            mean, std = (float(x) for x in v)
-        except (TypeError, ValueError):
-            raise HeadsError(f"stats[{k!r}] must be [mean, std], got {v!r}") from None
-        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-            raise HeadsError(f"stats[{k!r}] = ({mean}, {std}): the mean must be finite and the std finite and > 0")
+        mean, std = _pair(v, f"stats[{k!r}]")
+        problem = normalization_problem(mean, std, _span(ranges or {}, str(k)))
+        if problem:
+            raise HeadsError(f"stats[{k!r}] = ({mean}, {std}): the mean must be finite and the std finite and > 0, "
+                             f"keeping (x - mean) / std finite in float32: {problem}")
         out[str(k)] = (mean, std)
     return out
 
@@ -119,8 +196,8 @@ class RidgeHeads:
                 or fp["hidden_size"] != self.hidden_size:
             raise HeadsError(f"fingerprint says hidden size {fp['hidden_size']} but coef has {self.hidden_size} rows")
         self.fingerprint = fp
-        self.stats = _check_stats(stats)
         self.meta = dict(meta or {})
+        self.stats = _check_stats(stats, self.meta.get("target_ranges"))
         self._cache: dict = {}
 
     def __repr__(self) -> str:
@@ -381,6 +458,6 @@ def convert_legacy_heads(src: str | os.PathLike, dst: str | os.PathLike, *, name
         heads = RidgeHeads(heads.names, heads.coef, heads.intercept, fingerprint=fp, stats=stats or heads.stats,
                            meta=heads.meta)
     elif stats:
-        heads.stats = {k: (float(v[0]), float(v[1])) for k, v in stats.items()}
+        heads.stats = _check_stats(stats, heads.meta.get("target_ranges"))
     heads.save(dst)
     return heads

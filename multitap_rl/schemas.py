@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ __all__ = [
     "SampleView",
     "list_schemas",
     "load_schema",
+    "preset_schema",
 ]
 
 TASKS = ("caption", "instruction")
@@ -76,15 +78,30 @@ class Dimension:
         check_dimension_name(self.name)
         if self.name == OVERALL:
             raise ConfigError("'overall' is the stage-1 score; do not declare it as a schema dimension")
+        where = f"dimension {self.name!r}"
+        _text(self.column, f"{where}: field 'column'", optional=True)
         if isinstance(self.index, list):
             object.__setattr__(self, "index", tuple(self.index))
-        if isinstance(self.index, tuple) and (not self.index or not all(isinstance(i, int) for i in self.index)):
-            raise ConfigError(f"dimension {self.name!r}: index must be an int or a non-empty list of ints")
+        if self.index is not None and not (_is_int(self.index) or (isinstance(self.index, tuple) and self.index
+                                                                   and all(_is_int(i) for i in self.index))):
+            raise ConfigError(f"{where}: field 'index' must be an int or a non-empty list of ints, got "
+                              f"{_shown(self.index)}")
+        if self.binarize_at is not None:
+            object.__setattr__(self, "binarize_at", _finite(self.binarize_at, f"{where}: field 'binarize_at'"))
         if self.range is not None:
-            lo, hi = (float(v) for v in self.range)
-            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-                raise ConfigError(f"dimension {self.name!r}: range must be [lo, hi] with lo < hi, got {self.range}")
+            if isinstance(self.range, (str, bytes, Mapping)) or not isinstance(self.range, Sequence) \
+                    or len(self.range) != 2:
+                raise ConfigError(f"{where}: field 'range' must be [lo, hi] (two numbers), got {_shown(self.range)}")
+            lo, hi = (_finite(v, f"{where}: field 'range'") for v in self.range)
+            if not lo < hi:
+                raise ConfigError(f"{where}: range must be [lo, hi] with lo < hi, got {list(self.range)}")
             object.__setattr__(self, "range", (lo, hi))
+        if not isinstance(self.higher_is_better, bool):
+            raise ConfigError(f"{where}: field 'higher_is_better' must be true or false, got "
+                              f"{_shown(self.higher_is_better)}")
+        if self.description is None:
+            object.__setattr__(self, "description", "")
+        _text(self.description, f"{where}: field 'description'", empty_ok=True)
 
     def source(self, tag: str) -> str:
         return (self.column or self.name).replace("{tag}", tag)
@@ -129,6 +146,32 @@ class Dimension:
         return d
 
 
+def _shown(value) -> str:
+    """``value``'s type and (shortened) repr, for error messages about a field's type."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value, what: str) -> float:
+    """``value`` as a float if it is a finite real number (not a bool), else a ``ConfigError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ConfigError(f"{what} must be a finite number, got {_shown(value)}")
+    return float(value)
+
+
+def _text(value, what: str, *, optional: bool = False, empty_ok: bool = False) -> None:
+    """A ``ConfigError`` unless ``value`` is a string (non-empty unless ``empty_ok``), or None
+    when ``optional``."""
+    if value is None and optional:
+        return
+    if not (isinstance(value, str) and (empty_ok or value.strip())):
+        raise ConfigError(f"{what} must be {'a string' if empty_ok else 'a non-empty string'}, got {_shown(value)}")
+
+
 def _number(v, where: str, col: str) -> float:
     if isinstance(v, bool):
         return float(v)
@@ -153,6 +196,12 @@ class SampleView:
     question: str | None = None
     tag: str = ""
 
+    def __post_init__(self):
+        for role in ("image", "text", "question"):
+            _text(getattr(self, role), f"sample view: field {role!r} (a column name)", optional=role == "question")
+        if not isinstance(self.tag, str):
+            raise ConfigError(f"sample view: field 'tag' must be a string, got {_shown(self.tag)}")
+
     def to_dict(self) -> dict:
         d = {"image": self.image, "text": self.text}
         if self.question is not None:
@@ -176,8 +225,17 @@ class ObjectiveSchema:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        if self.task not in TASKS:
+        _text(self.name, "schema field 'name'")
+        if not isinstance(self.task, str) or self.task not in TASKS:
             raise ConfigError(f"schema {self.name!r}: task must be one of {TASKS}, got {self.task!r}")
+        for key in ("source", "description"):
+            _text(getattr(self, key), f"schema {self.name!r}: field {key!r}", empty_ok=True)
+        _text(self.id_column, f"schema {self.name!r}: field 'id_column' (a column name)", optional=True)
+        for key, kind in (("dimensions", Dimension), ("samples", SampleView)):
+            if isinstance(getattr(self, key), list):
+                object.__setattr__(self, key, tuple(getattr(self, key)))
+            if not isinstance(getattr(self, key), tuple) or not all(isinstance(x, kind) for x in getattr(self, key)):
+                raise ConfigError(f"schema {self.name!r}: {key} must be a tuple of {kind.__name__}")
         if not self.samples:
             raise ConfigError(f"schema {self.name!r}: samples must list at least one view")
         names = [d.name for d in self.dimensions]
@@ -204,36 +262,29 @@ class ObjectiveSchema:
     # -- construction --------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping) -> ObjectiveSchema:
+        """A schema from its dict form (what YAML holds), every field's type checked: a bad field is a
+        ``ConfigError`` naming it (``dimensions[2]: field 'range' ...``), never a raw Python error."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"a schema must be a mapping, got {type(data).__name__}")
-        known = {"name", "task", "samples", "dimensions", "source", "description", "id_column"}
-        dims = []
-        for i, d in enumerate(data.get("dimensions") or []):
-            if isinstance(d, str):
-                d = {"name": d}
-            if not isinstance(d, Mapping) or "name" not in d:
-                raise ConfigError(f"schema {data.get('name')!r}: dimension {i} must be a name or a mapping with 'name'")
-            unknown = set(d) - {"name", "column", "index", "binarize_at", "range", "higher_is_better", "description"}
-            if unknown:
-                raise ConfigError(f"schema {data.get('name')!r}: dimension {d['name']!r}: "
-                                 f"unknown key(s) {sorted(unknown)}")
-            d = dict(d)
-            if "range" in d and d["range"] is not None:
-                d["range"] = tuple(d["range"])
-            dims.append(Dimension(**d))
-        views = []
-        for v in data.get("samples") or [{}]:
-            if not isinstance(v, Mapping):
-                raise ConfigError(f"schema {data.get('name')!r}: each sample view must be a mapping")
-            unknown = set(v) - {"image", "text", "question", "tag"}
-            if unknown:
-                raise ConfigError(f"schema {data.get('name')!r}: sample view: unknown key(s) {sorted(unknown)}")
-            views.append(SampleView(**{k: (str(x) if k == "tag" else x) for k, x in v.items()}))
-        task = data.get("task") or ("instruction" if views[0].question else "caption")
         if "name" not in data:
             raise ConfigError("a schema needs a 'name'")
-        return cls(name=str(data["name"]), dimensions=tuple(dims), task=task, samples=tuple(views),
-                   source=str(data.get("source", "")), description=str(data.get("description", "")),
+        name = data["name"]
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"schema field 'name' must be a non-empty string, got {_shown(name)}")
+        where = f"schema {name!r}"
+        bad_keys = [k for k in data if not isinstance(k, str)]
+        if bad_keys:
+            raise ConfigError(f"{where}: field names must be strings, got {bad_keys}")
+        dims = [_dimension(d, i, where) for i, d in enumerate(_list_field(data, "dimensions", where, []))]
+        views = [_view(v, i, where) for i, v in enumerate(_list_field(data, "samples", where, [{}]))]
+        if not views:
+            raise ConfigError(f"{where}: field 'samples' must list at least one view")
+        task = data.get("task")
+        if task is None:
+            task = "instruction" if views[0].question else "caption"
+        known = {"name", "task", "samples", "dimensions", "source", "description", "id_column"}
+        return cls(name=name, dimensions=tuple(dims), task=task, samples=tuple(views),
+                   source=_or_empty(data.get("source")), description=_or_empty(data.get("description")),
                    id_column=data.get("id_column"), extra={k: v for k, v in data.items() if k not in known})
 
     @classmethod
@@ -303,6 +354,53 @@ class ObjectiveSchema:
         return out
 
 
+def _or_empty(value):
+    """A free-text field: null reads as ``""``; anything else is checked by the schema."""
+    return "" if value is None else value
+
+
+def _list_field(data: Mapping, key: str, where: str, default: list) -> list:
+    """``data[key]`` if it is a list (absent or null: ``default``), else a ``ConfigError`` naming it."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: field {key!r} must be a list, got {_shown(value)}")
+    return value
+
+
+def _dimension(d, i: int, where: str) -> Dimension:
+    """Entry ``i`` of a schema's ``dimensions``: a name, or a mapping of :class:`Dimension` fields."""
+    if isinstance(d, str):
+        d = {"name": d}
+    if not isinstance(d, Mapping) or "name" not in d:
+        raise ConfigError(f"{where}: dimensions[{i}] must be a name or a mapping with 'name', got {_shown(d)}")
+    unknown = set(d) - {"name", "column", "index", "binarize_at", "range", "higher_is_better", "description"}
+    if unknown:
+        raise ConfigError(f"{where}: dimension {d['name']!r}: unknown key(s) {sorted(map(str, unknown))}")
+    try:
+        return Dimension(**d)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: dimensions[{i}]: {exc}") from None
+
+
+def _view(v, i: int, where: str) -> SampleView:
+    """Entry ``i`` of a schema's ``samples``: a mapping of :class:`SampleView` fields (a numeric
+    ``tag`` is read as its text, e.g. ``1`` -> ``"1"``)."""
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"{where}: each sample view must be a mapping, got {_shown(v)} (samples[{i}])")
+    unknown = set(v) - {"image", "text", "question", "tag"}
+    if unknown:
+        raise ConfigError(f"{where}: sample view: unknown key(s) {sorted(map(str, unknown))}")
+    v = dict(v)
+    if _is_int(v.get("tag")):
+        v["tag"] = str(v["tag"])
+    try:
+        return SampleView(**v)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: samples[{i}]: {exc}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # presets (data)
 # ---------------------------------------------------------------------------------------------
@@ -368,8 +466,6 @@ def list_schemas() -> list[str]:
 def load_schema(spec: ObjectiveSchema | Mapping | str | os.PathLike) -> ObjectiveSchema:
     """A schema from an instance, a dict, a YAML path, a built-in preset name, or the name of a
     packaged or user YAML schema (``MULTITAP_OBJECTIVES_DIR``)."""
-    from .presets import preset_text
-
     if isinstance(spec, ObjectiveSchema):
         return spec
     if isinstance(spec, Mapping):
@@ -379,10 +475,19 @@ def load_schema(spec: ObjectiveSchema | Mapping | str | os.PathLike) -> Objectiv
     path = Path(os.fspath(spec)).expanduser()
     if path.is_file():
         return ObjectiveSchema.from_yaml(path)
-    name = os.fspath(spec)
+    schema = preset_schema(os.fspath(spec))
+    if schema is not None:
+        return schema
+    raise ConfigError(f"schema {os.fspath(spec)!r}: no such file or preset; available: {list_schemas()}")
+
+
+def preset_schema(name: str) -> ObjectiveSchema | None:
+    """The schema preset ``name`` (built in, or a packaged or user YAML schema), never a file of
+    that name in the working directory; None if there is none; a ``ConfigError`` naming the file
+    and field if its YAML is broken."""
+    from .presets import preset_text
+
     if name in PRESETS:
         return ObjectiveSchema.from_dict(copy.deepcopy(PRESETS[name]))
     found = preset_text("objectives", name)
-    if found is not None:
-        return ObjectiveSchema.from_yaml_text(found[1], found[0])
-    raise ConfigError(f"schema {name!r}: no such file or preset; available: {list_schemas()}")
+    return None if found is None else ObjectiveSchema.from_yaml_text(found[1], found[0])

@@ -3,16 +3,24 @@ installed wheel): user **weights** presets (``weights/*.yaml``) and user-style *
 (``objectives/*.yaml``). ``recipes/weights`` and ``recipes/objectives`` in a source checkout point here.
 
 A directory named by ``MULTITAP_WEIGHTS_DIR`` / ``MULTITAP_OBJECTIVES_DIR`` is searched first, so
-a team can add or override presets without touching the package.
+a team can add or override presets without touching the package. A file there that cannot be read
+or parsed never hides the others: :func:`load_presets` returns the good presets and, separately,
+each broken one with the error naming its file and field.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
-__all__ = ["list_presets", "preset_text", "user_dir"]
+from ..errors import ConfigError
+
+__all__ = ["list_presets", "load_presets", "preset_text", "user_dir"]
+
+T = TypeVar("T")
 
 _KINDS = {"weights": "MULTITAP_WEIGHTS_DIR", "objectives": "MULTITAP_OBJECTIVES_DIR"}
 
@@ -33,7 +41,7 @@ def list_presets(kind: str) -> list[str]:
     names: list[str] = []
     d = user_dir(kind)
     if d is not None and d.is_dir():
-        names += sorted(p.stem for p in d.glob("*.yaml"))
+        names += sorted(p.stem for p in d.glob("*.yaml") if p.is_file())
     names += sorted(e.name[: -len(".yaml")] for e in _packaged(kind).iterdir() if e.name.endswith(".yaml"))
     return list(dict.fromkeys(names))
 
@@ -45,8 +53,32 @@ def preset_text(kind: str, name: str) -> tuple[str, str] | None:
     d = user_dir(kind)
     if d is not None and (d / f"{name}.yaml").is_file():
         path = d / f"{name}.yaml"
-        return str(path), path.read_text(encoding="utf-8")
+        return str(path), _read(path, str(path))
     entry = _packaged(kind).joinpath(f"{name}.yaml")
     if entry.is_file():
-        return f"multitap_rl/presets/{kind}/{name}.yaml", entry.read_text(encoding="utf-8")
+        where = f"multitap_rl/presets/{kind}/{name}.yaml"
+        return where, _read(entry, where)
     return None
+
+
+def _read(entry, where: str) -> str:
+    """The UTF-8 text of a preset file; a ``ConfigError`` naming it if it cannot be read."""
+    try:
+        return entry.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where}: not UTF-8 text ({exc.reason}); re-save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read ({exc.strerror or type(exc).__name__})") from None
+
+
+def load_presets(names: Iterable[str], load: Callable[[str], T]) -> tuple[dict[str, T], dict[str, str]]:
+    """``(good, broken)``: ``load(name)`` of each name that loads, and for each that raises a
+    ``ConfigError`` its message (naming the file and field). One broken file hides no other."""
+    good: dict[str, T] = {}
+    broken: dict[str, str] = {}
+    for name in names:
+        try:
+            good[name] = load(name)
+        except ConfigError as exc:
+            broken[name] = str(exc)
+    return good, broken

@@ -11,7 +11,12 @@ Resuming is allowed only into the *same input*: the manifest records a content f
 data (a digest of the data file, the ``datasets`` fingerprint, or a digest of in-memory rows, plus
 split and row limit), the schema, the chunk size and what identifies the model's features; a
 resume with any of them different is refused, naming the differences (``overwrite=True`` /
-``--overwrite`` starts again).
+``--overwrite`` starts again). Image *files* a row names (a path in a JSONL/CSV/parquet row, a
+``datasets`` image column stored as a path) are not part of the data's digest, so each chunk also
+records a content digest of every sample's image file (chunk metadata ``images``); a resume
+re-hashes the files of the chunks already written and refuses if any changed, naming the rows and
+files (images stored in the data itself -- bytes, arrays, in-memory PIL images -- are covered by
+the data fingerprint).
 
 Distributed (``accelerate launch`` / ``torchrun``; any run where ``torch.distributed`` is
 initialised): rank ``r`` of ``W`` computes the chunks ``k`` with ``k % W == r`` into the same store,
@@ -27,6 +32,7 @@ row), ``sample`` (S,) int64 (view within the row), ``targets`` (S, D) float64 (N
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -54,9 +60,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FEATURES_FORMAT = "multitap-rl/features"
-FEATURES_VERSION = 2
+FEATURES_VERSION = 3  # 3: chunks record the content digest of each sample's image file
 MANIFEST = "manifest.json"
 CHUNK_DIR = "chunks"
+IMAGE_DIGESTS = "images"  # chunk metadata: JSON list, per sample, of its image file's digest (or null)
 # what must match to resume: for the model, what changes the features (not where it lives)
 _MODEL_IDENTITY = ("hidden_size", "checkpoint", "family", "rope", "image_size", "max_length", "backbone_options")
 _RESUME_KEYS = ("format", "version", "n_rows", "chunk_size", "data", "schema", "model")
@@ -96,6 +103,95 @@ def data_fingerprint(data, src: RowSource, *, split: str, limit: int | None) -> 
     else:
         fp["digest"] = digest_rows(src.rows(0, len(src)))
     return fp
+
+
+# ---------------------------------------------------------------------------------------------
+# the image files' content fingerprint (per sample, stored in each chunk)
+# ---------------------------------------------------------------------------------------------
+def _stored_image_values(src: RowSource, schema: ObjectiveSchema, start: int, stop: int) -> list:
+    """Per sample of rows ``[start, stop)`` (rows in order, each row's views in order, as
+    :meth:`ObjectiveSchema.expand` yields them): the image value as the data stores it, relative
+    paths resolved. A ``datasets`` image column is read undecoded (``{"bytes", "path"}``), so an
+    image stored as a path is seen as that path rather than as the pixels decoded from it."""
+    views = schema.samples
+    if isinstance(src.data, list):
+        rows = src.rows(start, stop)
+        values = [row.get(v.image) for row in rows for v in views]
+    else:  # a datasets.Dataset: its arrow storage, nothing decoded
+        stop = min(stop, len(src))
+        cols = [c for c in dict.fromkeys(v.image for v in views) if c in src.data.column_names]
+        table = src.data.select_columns(cols).with_format("arrow")[start:stop] if cols else None
+        stored = {c: table.column(c).to_pylist() for c in cols}
+        values = [stored[v.image][i] if v.image in stored else None for i in range(stop - start) for v in views]
+    return [src.resolve_image(v) for v in values]
+
+
+def _file_digest(path: str, cache: dict[str, str]) -> str:
+    """``"blake2b:..."`` of the bytes of the file ``path`` (``"unreadable: ..."`` if it cannot be
+    read: the model names that problem when it reads the image)."""
+    if path not in cache:
+        h = hashlib.blake2b(digest_size=16)
+        try:
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            cache[path] = "blake2b:" + h.hexdigest()
+        except OSError as exc:
+            cache[path] = f"unreadable: {exc.strerror or type(exc).__name__}"
+    return cache[path]
+
+
+def _image_digests(src: RowSource, schema: ObjectiveSchema, start: int, stop: int) -> list[tuple[str, str] | None]:
+    """Per sample of rows ``[start, stop)``: ``(path, content digest)`` of its image file, or None
+    for an image held in the data itself (bytes, arrays, PIL images: the data fingerprint covers
+    them). What a chunk's features depend on beyond the data file."""
+    cache: dict[str, str] = {}
+    out: list[tuple[str, str] | None] = []
+    for value in _stored_image_values(src, schema, start, stop):
+        if isinstance(value, (str, os.PathLike)):
+            path = os.fspath(value)
+            out.append((path, _file_digest(path, cache)))
+        else:
+            out.append(None)
+    return out
+
+
+def _changed_images(out: Path, src: RowSource, schema: ObjectiveSchema, chunks: list[int],
+                    chunk_size: int) -> list[str]:
+    """For the written ``chunks``: one line per sample whose image file's content differs from the
+    one its features were extracted from (or whose chunk records no image digests)."""
+    from safetensors import safe_open
+
+    changed = []
+    views = schema.samples
+    for k in chunks:
+        start, stop = k * chunk_size, min((k + 1) * chunk_size, len(src))
+        with safe_open(str(_chunk_path(out, k)), framework="pt") as f:
+            raw = (f.metadata() or {}).get(IMAGE_DIGESTS)
+        try:
+            stored = json.loads(raw) if raw is not None else None
+        except json.JSONDecodeError:
+            stored = None
+        now = _image_digests(src, schema, start, stop)
+        if not isinstance(stored, list) or len(stored) != len(now):
+            changed.append(f"{_chunk_path(out, k).name}: records no image digests for rows {start}..{stop - 1}")
+            continue
+        for j, (old, new) in enumerate(zip(stored, now)):
+            if (new[1] if new else None) != old:
+                row, view = start + j // len(views), views[j % len(views)]
+                tag = f" (sample {view.tag})" if len(views) > 1 else ""
+                gone = f" ({new[1]})" if new and new[1].startswith("unreadable") else ""
+                changed.append(f"{src.where(row)}{tag}: image {new[0] if new else '?'}{gone}")
+    return changed
+
+
+def _refuse_changed_images(out: Path, changed: list[str]) -> None:
+    """The DataError a resume over changed image files raises, naming (some of) them."""
+    shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+    raise DataError(f"{out}: the image file of {len(changed)} sample(s) changed since their features were extracted "
+                    f"({shown}); "
+                    "resuming would mix features of the old and the new images: restore the files, or pass "
+                    "overwrite=True (--overwrite) to extract every row again")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,15 +298,20 @@ def extract_features(
 
     # 2. This rank's chunks not yet on disk.
     n_chunks = math.ceil(len(src) / chunk_size)
-    todo = []
+    todo, done = [], []
     done_rows = total_rows = 0
     for k in range(rank, n_chunks, world_size):
         start, stop = k * chunk_size, min((k + 1) * chunk_size, len(src))
         total_rows += stop - start
         if _chunk_ok(_chunk_path(out, k), start, stop):
             done_rows += stop - start
+            done.append(k)
         else:
             todo.append(k)
+    # The written chunks' features came from the image files as they were then: same content only.
+    changed = _changed_images(out, src, schema, done, chunk_size)
+    if changed:
+        _refuse_changed_images(out, changed)
     if done_rows:
         logger.info("resuming %s: %d of %d rows already extracted%s", out, done_rows, total_rows,
                     f" (rank {rank} of {world_size})" if world_size > 1 else "")
@@ -221,8 +322,10 @@ def extract_features(
     try:
         for k in todo:
             start, stop = k * chunk_size, min((k + 1) * chunk_size, len(src))
+            digests = [d[1] if d else None for d in _image_digests(src, schema, start, stop)]  # before reading
             tensors, ids = _extract_chunk(model, schema, src, start, stop, batch_size)
-            meta = {"start": str(start), "stop": str(stop), "format": FEATURES_FORMAT}
+            meta = {"start": str(start), "stop": str(stop), "format": FEATURES_FORMAT,
+                    IMAGE_DIGESTS: json.dumps(digests)}
             if ids is not None:
                 meta["ids"] = json.dumps(ids)
             path = _chunk_path(out, k)
