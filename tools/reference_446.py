@@ -14,6 +14,11 @@ project's environment. It computes what the MULTI-TAP reference (kaist-cvml/MULT
 4. a plain ``forward(**inputs, output_hidden_states=True)`` (4.46.1: arange position ids over
    the padded length, no M-RoPE), ``h = hidden_states[-1][:, -1]``, ``sigmoid(reward_head(h))``.
 
+``--dtype`` (default ``float32``, the stored numbers): ``bfloat16`` loads the whole model with
+``torch_dtype=torch.bfloat16`` and runs the reward head in bfloat16 too, as ``VLMRewardModel`` in a
+bf16 model does; each case then also records ``logit_float32_head``/``overall_float32_head``, the
+same bf16 hidden state through a float32 copy of the head.
+
 Usage (``DIR`` written by ``multitap-rl tiny DIR --seed 0`` in the project's environment)::
 
     python tools/reference_446.py DIR --seed 0 --out tests/data/reference_446_scores.json
@@ -33,7 +38,7 @@ import platform
 import sys
 from pathlib import Path
 
-__all__ = ["COMMON_CASES", "DEFAULT_CASES", "Reference446", "fingerprint", "load_make_image", "main"]
+__all__ = ["COMMON_CASES", "DEFAULT_CASES", "DTYPES", "Reference446", "fingerprint", "load_make_image", "main"]
 
 logger = logging.getLogger("reference_446")
 
@@ -41,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 1024
 IMAGE_SIZE = 560
 CAPTION_INSTRUCTION = "Describe this image."
+DTYPES = ("float32", "bfloat16")  # --dtype: names of torch dtypes the model (and reward head) load in
 
 # Inputs (shared with reference_446_mllama.py): mixed-length captions (one past 1024 tokens, one
 # landing near the cut), the instruction task, several generated images of different sizes,
@@ -142,13 +148,36 @@ def read_reward_checkpoint(reward: Path) -> tuple[dict, dict]:
     return state, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def reward_head(state: dict, hidden: int):
-    """VLMRewardModel's ``reward_head`` (Linear(hidden, 1)) with the checkpoint's weights."""
+def torch_dtype(name: str):
+    """``torch.float32``/``torch.bfloat16`` for a ``--dtype`` name (one of ``DTYPES``)."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {name!r}")
+    return getattr(torch, name)
+
+
+def reward_head(state: dict, hidden: int, dtype: str = "float32"):
+    """VLMRewardModel's ``reward_head`` (Linear(hidden, 1)) with the checkpoint's weights, in
+    ``dtype`` (the model's: in a bf16 model the head is bf16 too)."""
     import torch
 
     head = torch.nn.Linear(hidden, 1)
     head.load_state_dict({"weight": state["reward_head.weight"], "bias": state["reward_head.bias"]})
-    return head.eval()
+    return head.to(torch_dtype(dtype)).eval()
+
+
+def head_float32_row(state: dict, head, h) -> dict:
+    """For a model not in float32: the logit and score of its hidden state ``h`` through a float32
+    copy of the head (separates the head's rounding from the backbone's); ``{}`` in float32."""
+    import torch
+
+    if head.weight.dtype == torch.float32:
+        return {}
+    head32 = reward_head(state, head.in_features)
+    with torch.no_grad():
+        logit = head32(h.float()).squeeze(-1)
+    return {"logit_float32_head": float(logit[0]), "overall_float32_head": float(torch.sigmoid(logit)[0])}
 
 
 def processor_inputs(processor, image, text: str, question: str | None, max_length: int | None) -> dict:
@@ -183,6 +212,8 @@ def parse_args(argv, description: str, model_help: str, build_hint: str, extra=N
                    "(recorded in the output, shown when the fingerprint no longer matches)")
     p.add_argument("--cases", help="JSON list of cases like DEFAULT_CASES (default: the built-in list)")
     p.add_argument("--out", help="write the JSON here (default: print it)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="load the model and its reward head in this dtype (default: float32, the stored numbers)")
     p.add_argument("--allow-other-version", action="store_true",
                    help="run under a transformers other than 4.46.1 (for experiments only)")
     if extra:
@@ -233,10 +264,10 @@ def write_output(doc: dict, out: str | None) -> int:
 
 # -- the reference computation (transformers 4.46.1) ----------------------------------------------
 class Reference446:
-    """The MULTI-TAP forward for a Qwen2-VL checkpoint under transformers 4.46.1, float32, CPU."""
+    """The MULTI-TAP forward for a Qwen2-VL checkpoint under transformers 4.46.1 on CPU, in
+    ``dtype`` (``DTYPES``; the reward head too)."""
 
-    def __init__(self, model_dir: str | Path):
-        import torch
+    def __init__(self, model_dir: str | Path, dtype: str = "float32"):
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
         root = Path(model_dir)
@@ -249,7 +280,7 @@ class Reference446:
         if not self.processor.chat_template:
             raise ValueError(f"{base}: the processor has no chat template")
         # 2. Base model, then the checkpoint's backbone over it (every weight but the tied lm_head).
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(base, torch_dtype=torch.float32).eval()
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(base, torch_dtype=torch_dtype(dtype)).eval()
         state, backbone = read_reward_checkpoint(reward)
         result = self.model.load_state_dict(backbone, strict=False)
         if result.unexpected_keys or set(result.missing_keys) != {"lm_head.weight"}:
@@ -257,8 +288,9 @@ class Reference446:
                              f"unexpected {result.unexpected_keys}")
         if self.model.lm_head.weight.data_ptr() != self.model.model.embed_tokens.weight.data_ptr():
             raise ValueError("lm_head is not tied to embed_tokens; the checkpoint omits lm_head.weight")
-        # 3. Reward head.
-        self.head = reward_head(state, self.model.config.hidden_size)
+        # 3. Reward head (in the model's dtype).
+        self.state = state
+        self.head = reward_head(state, self.model.config.hidden_size, dtype)
         self.attn_implementation = self.model.config._attn_implementation
 
     def inputs(self, image, text: str, question: str | None = None, max_length: int | None = MAX_LENGTH) -> dict:
@@ -281,7 +313,8 @@ class Reference446:
             "image_grid_thw": [int(v) for v in inputs["image_grid_thw"][0]],
             "overall": float(overall[0]),
             "logit": float(logit[0]),
-            "hidden_norm": float(h[0].norm()),
+            **head_float32_row(self.state, self.head, h),
+            "hidden_norm": float(h[0].float().norm()),
             "hidden": [float(v) for v in h[0]],
         }
 
@@ -304,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         "build it with `multitap-rl tiny DIR`",
         extra=lambda p: p.add_argument("--size", default="tiny", help="the --size DIR was built with (recorded)"),
     )
-    ref = Reference446(args.model_dir)
+    ref = Reference446(args.model_dir, args.dtype)
     results = score_cases(lambda image, case, max_length: ref.run(image, case["text"], case.get("question"),
                                                                   max_length),
                           args.cases or DEFAULT_CASES)
@@ -317,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                   if args.builder_versions else None},
         "settings": {"max_length": f"{MAX_LENGTH} unless a case says otherwise", "truncation": True,
                      "padding": "max_length (left)",
-                     "image_size": IMAGE_SIZE, "dtype": "float32", "device": "cpu",
+                     "image_size": IMAGE_SIZE, "dtype": args.dtype, "device": "cpu",
                      "attn_implementation": ref.attn_implementation,
                      "position_ids": "4.46.1 plain forward(): arange over the padded length"},
         "cases": results,

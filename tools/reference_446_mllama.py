@@ -16,6 +16,9 @@ backbone, through 4.46.1's public API only:
 4. a plain ``forward(**inputs, output_hidden_states=True)``; ``h = hidden_states[-1][:, -1]``
    (+ ``0 * mean(logits)``), ``sigmoid(reward_head(h))``.
 
+``--dtype float32|bfloat16`` as in tools/reference_446.py (default float32; in bfloat16 the model
+and its reward head load in bf16, and each case also records the float32-head logit and score).
+
 A case may set ``max_length`` (evaluate.py and the stage-1 recipe use 2048) and ``pad_token``
 (single_objective_train.py sets the pad token to ``eos_token`` before training).
 
@@ -38,12 +41,14 @@ from reference_446 import (  # noqa: E402
     LONG_UNTRUNCATED_2048,
     MAX_LENGTH,
     fingerprint,
+    head_float32_row,
     parse_args,
     processor_inputs,
     read_reward_checkpoint,
     reference_forward,
     reward_head,
     score_cases,
+    torch_dtype,
     versions,
     write_output,
 )
@@ -69,10 +74,10 @@ DEFAULT_CASES: list[dict] = [
 
 
 class Reference446Mllama:
-    """The MULTI-TAP forward for an Mllama checkpoint under transformers 4.46.1, float32, CPU."""
+    """The MULTI-TAP forward for an Mllama checkpoint under transformers 4.46.1 on CPU, in ``dtype``
+    (``float32`` or ``bfloat16``; the reward head too)."""
 
-    def __init__(self, model_dir: str | Path):
-        import torch
+    def __init__(self, model_dir: str | Path, dtype: str = "float32"):
         from transformers import AutoProcessor, MllamaForConditionalGeneration
 
         root = Path(model_dir)
@@ -83,7 +88,7 @@ class Reference446Mllama:
             raise ValueError(f"{base}: the processor has no chat template")
         self.default_pad = self.processor.tokenizer.pad_token
         # 2. Base model, then the checkpoint's backbone over it (every key).
-        self.model = MllamaForConditionalGeneration.from_pretrained(base, torch_dtype=torch.float32).eval()
+        self.model = MllamaForConditionalGeneration.from_pretrained(base, torch_dtype=torch_dtype(dtype)).eval()
         state, backbone = read_reward_checkpoint(reward)
         result = self.model.load_state_dict(backbone, strict=False)
         if result.unexpected_keys or result.missing_keys:
@@ -91,7 +96,8 @@ class Reference446Mllama:
                              f"unexpected {result.unexpected_keys}")
         # 3. Reward head (VLMRewardModel: hidden size 4096 fallback = text hidden size for 11B; here
         #    the text hidden size, read from the head's weight).
-        self.head = reward_head(state, state["reward_head.weight"].shape[1])
+        self.state = state
+        self.head = reward_head(state, state["reward_head.weight"].shape[1], dtype)
         self.attn_implementation = self.model.config._attn_implementation
 
     def inputs(self, image, text: str, question: str | None = None, max_length: int | None = MAX_LENGTH,
@@ -124,7 +130,8 @@ class Reference446Mllama:
             "num_tiles": int(inputs["aspect_ratio_mask"][0, 0].sum()),
             "overall": float(overall[0]),
             "logit": float(logit[0]),
-            "hidden_norm": float(h[0].norm()),
+            **head_float32_row(self.state, self.head, h),
+            "hidden_norm": float(h[0].float().norm()),
             "hidden": [float(v) for v in h[0]],
         }
 
@@ -132,7 +139,7 @@ class Reference446Mllama:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, __doc__, "directory holding base/ and reward/ (build_tiny_mllama_multitap)",
                       "build it with multitap_rl.testing.build_tiny_mllama_multitap")
-    ref = Reference446Mllama(args.model_dir)
+    ref = Reference446Mllama(args.model_dir, args.dtype)
     results = score_cases(lambda image, case, max_length: ref.run(image, case["text"], case.get("question"),
                                                                   max_length, case.get("pad_token")),
                           args.cases or DEFAULT_CASES, extra_keys=("pad_token",))
@@ -146,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"max_length": f"{MAX_LENGTH} unless a case says otherwise", "truncation": True,
                      "padding": "max_length (the tokenizer's side: right)",
                      "pad_token": f"{ref.default_pad} unless a case says otherwise",
-                     "image_size": IMAGE_SIZE, "dtype": "float32", "device": "cpu",
+                     "image_size": IMAGE_SIZE, "dtype": args.dtype, "device": "cpu",
                      "attn_implementation": ref.attn_implementation,
                      "position_ids": "4.46.1 plain forward(): arange over the padded length",
                      "read_at": "hidden_states[-1][:, -1] of the padded sequence"},
