@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default="brl-xfact/Multi-TAP-Qwen2-VL-2B", help="MULTI-TAP checkpoint")
     p.add_argument("--base-model", default=None, help="base model of --checkpoint (default: known or --policy)")
     p.add_argument("--heads", default=None, help="stage-2 heads directory (for dimension weights)")
+    p.add_argument("--reward-url", default=None,
+                   help="score through a served reward (multitap-rl serve; several URLs comma-separated) instead "
+                        "of loading --checkpoint here; weights, normalisation and gates still apply here")
     p.add_argument("--weights", default=None, help='e.g. "overall=1,clarity=0.5" or a preset name')
     p.add_argument("--objectives", action="store_true",
                    help="one reward per dimension (TRL reward_weights) instead of one weighted reward")
@@ -95,8 +98,11 @@ def build(args, reward_funcs=None, workdir: str | None = None):
 
     # The reward: lazily loaded once per process on this process's device (bf16 on GPU).
     if reward_funcs is None:
-        spec = ModelSpec(checkpoint=args.checkpoint, base_model=args.base_model, heads=args.heads,
-                         offload=args.offload_reward, shard="zero3" if args.shard_reward else None)
+        if args.reward_url:  # the server holds the model, its heads and its settings
+            spec = ModelSpec(checkpoint=args.reward_url)
+        else:
+            spec = ModelSpec(checkpoint=args.checkpoint, base_model=args.base_model, heads=args.heads,
+                             offload=args.offload_reward, shard="zero3" if args.shard_reward else None)
         if args.objectives:
             reward_funcs = multitap_objective_rewards(spec)
         else:

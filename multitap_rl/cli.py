@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "presets": ("multitap_rl.commands.presets", "list the weights presets and objective schemas with their dimensions"),
     "make-shapes": ("multitap_rl.commands.make_shapes", "write the built-in shapes task as images + JSONL (offline data)"),
     "precision": ("multitap_rl.commands.precision", "bf16/TF32 vs fp32 scores on your samples: |Δ| and ranking agreement"),
+    "serve": ("multitap_rl.commands.serve", "serve the reward on Ray Serve (JSON API, OpenRLHF endpoint, replicas)"),
 }
 
 

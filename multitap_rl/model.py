@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, backbone_for, remote_code_backbone
-from .backbones.base import FeatureSettings
+from .backbones.base import FeatureSettings, load_image_processor
 from .checkpoint import (
     BASE_MODEL_FILES,
     CHECKPOINT_FILES,
@@ -193,7 +193,7 @@ def _load_backbone(base_dir: Path, base_name, state: dict[str, torch.Tensor], wh
     """The backbone adapter for ``base_dir``'s config with ``state`` loaded strictly into an
     uninitialised module (frozen, eval), plus the base model's tokenizer, image processor and chat
     template. Returns (backbone, ``state`` with keys remapped onto the module)."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.initialization import no_init_weights
 
     # 1. The adapter from config.json's model_type. Models whose config names remote code
@@ -227,7 +227,7 @@ def _load_backbone(base_dir: Path, base_name, state: dict[str, torch.Tensor], wh
             tokenizer, image_processor, chat_template = backbone_cls.load_processing(base_dir)
         else:
             tokenizer = AutoTokenizer.from_pretrained(base_dir)
-            image_processor = AutoImageProcessor.from_pretrained(base_dir)
+            image_processor = load_image_processor(base_dir)
             chat_template = _chat_template(tokenizer, base_dir)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"base model {name!r}: cannot load its tokenizer or image processor ({exc})") from None
@@ -242,7 +242,7 @@ def _load_backbone(base_dir: Path, base_name, state: dict[str, torch.Tensor], wh
     except ConfigError:
         raise
     except TypeError as exc:  # an option this backbone does not take
-        if not settings.options:
+        if not settings.options or "unexpected keyword argument" not in str(exc):
             raise
         raise ConfigError(f"backbone_options {dict(settings.options)} do not fit the {backbone_cls.family} backbone "
                           f"({exc}); see its options in multitap_rl/backbones") from None
@@ -363,6 +363,9 @@ class MultiTapModel(nn.Module):
         """Load the model ``spec`` describes (its heads too, also heads attached as an object)."""
         if not isinstance(spec, ModelSpec):
             raise ConfigError(f"expected a ModelSpec, got {type(spec).__name__}")
+        if spec.is_remote:
+            raise ConfigError(f"{spec.checkpoint} is a served reward: score through it with reward_fns (a URL where a "
+                              "checkpoint goes), or load its checkpoint here")
         if spec.checkpoint is None:
             raise ConfigError(
                 "this spec comes from an in-memory MultiTapModel that has no checkpoint (e.g. from_base_model, "
@@ -374,6 +377,9 @@ class MultiTapModel(nn.Module):
                                     image_size=spec.image_size, engine=spec.engine,
                                     backbone_options=None if spec.backbone_options is None else
                                     dict(spec.backbone_options))
+        if spec.fingerprint is not None and model.info.get("fingerprint") != spec.fingerprint:
+            raise CheckpointError(f"checkpoint {spec.checkpoint!r} has fingerprint {model.info.get('fingerprint')}, not "
+                                  f"the {spec.fingerprint} the spec asks for (another or a changed checkpoint)")
         if spec.heads_state is not None:
             from .heads import RidgeHeads
 

@@ -20,9 +20,24 @@ from typing import Any
 from .errors import ConfigError
 from .scoring import EngineConfig
 
-__all__ = ["AUTO", "ModelSpec"]
+__all__ = ["AUTO", "ModelSpec", "is_server_url", "server_urls"]
 
 AUTO = "auto"
+
+
+def is_server_url(value) -> bool:
+    """True for a served reward's address: ``http(s)://...`` (several: comma-separated)."""
+    return isinstance(value, str) and value.strip().startswith(("http://", "https://"))
+
+
+def server_urls(value: str) -> list[str]:
+    """The URLs of a ``"http://a:8000,http://b:8000"`` checkpoint, each checked to be http(s)."""
+    urls = [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+    bad = [u for u in urls if not u.startswith(("http://", "https://"))]
+    if not urls or bad:
+        raise ConfigError(f"a served reward's address must be http(s)://host:port (comma-separated for several), "
+                          f"got {value!r}")
+    return urls
 
 
 def _path(value, name: str) -> str | None:
@@ -65,6 +80,11 @@ class ModelSpec:
         shard: "zero3": partition the model over the ranks between calls (DeepSpeed ZeRO-3).
         backbone_options: the backbone adapter's own options, as ``{name: value}`` or sorted pairs;
             None: those the checkpoint recorded.
+        fingerprint: the checkpoint fingerprint the model must have (``model.info["fingerprint"]``,
+            or the server's): loading anything else is a ``CheckpointError``. None: not checked.
+
+    ``checkpoint`` may be a served reward's URL (``multitap-rl serve``; several comma-separated):
+    the model is then the server's, and only ``fingerprint`` of the loading fields applies.
     """
 
     checkpoint: str | None = None
@@ -79,6 +99,7 @@ class ModelSpec:
     offload: bool = False
     shard: str | None = None
     backbone_options: tuple[tuple[str, Any], ...] | None = None
+    fingerprint: str | None = None
     # Set when a reward is made from an in-memory model: a token unique to that model object (two
     # models never share a scorer) and its heads when they were attached as an object.
     instance: str | None = field(default=None, repr=False)
@@ -90,6 +111,8 @@ class ModelSpec:
         set_ = object.__setattr__
         for name in ("checkpoint", "base_model", "heads"):
             set_(self, name, _path(getattr(self, name), name))
+        if self.fingerprint is not None and not isinstance(self.fingerprint, str):
+            raise ConfigError(f"ModelSpec.fingerprint must be a str, got {self.fingerprint!r}")
         if self.device is not None:
             set_(self, "device", str(self.device))
         if self.dtype is not None:
@@ -103,6 +126,13 @@ class ModelSpec:
         check_shard(self.shard)
         if self.shard is not None and self.offload:
             raise ConfigError("shard='zero3' and offload=True both free accelerator memory between calls; pick one")
+        if is_server_url(self.checkpoint):
+            server_urls(self.checkpoint)
+            local = [n for n in ("base_model", "heads", "shard") if getattr(self, n) is not None] + \
+                (["offload"] if self.offload else [])
+            if local:
+                raise ConfigError(f"{local} load a model here; the served reward at {self.checkpoint} has its own "
+                                  "(start the server with them)")
         options = self.backbone_options
         if isinstance(options, dict):
             if not all(isinstance(k, str) for k in options):
@@ -123,6 +153,11 @@ class ModelSpec:
         if unknown:
             raise ConfigError(f"unknown model setting(s) {unknown}; valid: {sorted(known | engine_keys)}")
         return cls(checkpoint=model_or_path, engine=EngineConfig(**engine), **kwargs)
+
+    @property
+    def is_remote(self) -> bool:
+        """True when the model is a served reward's (``checkpoint`` is a URL)."""
+        return is_server_url(self.checkpoint)
 
     def replace(self, **changes) -> ModelSpec:
         """A copy with ``changes`` applied (validated like a new spec)."""

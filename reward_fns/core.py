@@ -19,6 +19,7 @@ Lifetime: a scorer made from an in-memory ``MultiTapModel`` lives as long as a r
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -33,11 +34,13 @@ from multitap_rl.errors import ON_INVALID, ConfigError, SampleError, check_on_in
 from multitap_rl.spec import ModelSpec
 
 __all__ = [
+    "REWARD_KWARGS",
     "CoreReward",
     "RewardBatch",
     "RewardCore",
     "Scorer",
     "StepCache",
+    "core_from_kwargs",
     "forget_scorers",
     "get_scorer",
     "resolve_model",
@@ -63,7 +66,9 @@ def resolve_model(model_or_spec, *, base_model=None, heads=None) -> tuple[ModelS
       after pickling -- from its checkpoint, with the same settings and heads;
     * a :class:`ModelSpec`: as is;
     * a path or hub id: ``ModelSpec(checkpoint=..., base_model=..., heads=...)`` with every other
-      setting at its default (build a ``ModelSpec`` for device, dtype, engine limits, offload, shard).
+      setting at its default (build a ``ModelSpec`` for device, dtype, engine limits, offload, shard);
+    * a served reward's URL (``http(s)://host:port``, several comma-separated): scored through
+      :class:`reward_fns.remote.RemoteScorer`.
 
     ``base_model`` and ``heads`` are conveniences beside a path only."""
     from multitap_rl.model import MultiTapModel
@@ -81,11 +86,7 @@ def resolve_model(model_or_spec, *, base_model=None, heads=None) -> tuple[ModelS
             raise ConfigError(f"{sorted(extra)} go into the ModelSpec (ModelSpec(..., base_model=..., heads=...))")
         return model_or_spec, None
     if isinstance(model_or_spec, (str, os.PathLike)):
-        name = os.fspath(model_or_spec)
-        if name.startswith(("http://", "https://")):
-            raise ConfigError(f"{name!r}: a served reward (URL) is not supported by this version of multitap-rl; "
-                              "pass a checkpoint directory, hub id, ModelSpec or MultiTapModel")
-        return ModelSpec(checkpoint=name, **extra), None
+        return ModelSpec(checkpoint=os.fspath(model_or_spec), **extra), None
     raise ConfigError(f"model_or_spec must be a MultiTapModel, a ModelSpec, a directory or a hub id, got "
                       f"{type(model_or_spec).__name__}")
 
@@ -142,12 +143,18 @@ _LOADED: dict[ModelSpec, Scorer] = {}  # specs loaded in this process: one model
 _LOCK = threading.Lock()
 
 
-def get_scorer(spec: ModelSpec, model=None) -> Scorer:
-    """The process's scorer for ``spec`` (made on first use; ``model``: the already-loaded model)."""
+def get_scorer(spec: ModelSpec, model=None):
+    """The process's scorer for ``spec`` (made on first use; ``model``: the already-loaded model): a
+    :class:`Scorer`, or a :class:`~reward_fns.remote.RemoteScorer` for a served reward's URL."""
     with _LOCK:
         scorer = _LOADED.get(spec) or _SHARED.get(spec)
         if scorer is None:
-            scorer = Scorer(spec, model)
+            if spec.is_remote:
+                from .remote import RemoteScorer
+
+                scorer = RemoteScorer(spec)
+            else:
+                scorer = Scorer(spec, model)
             if model is None:
                 _LOADED[spec] = scorer
             else:
@@ -161,6 +168,7 @@ def forget_scorers() -> None:
     with _LOCK:
         _SHARED.clear()
         _LOADED.clear()
+        _CORES.clear()
 
 
 # -- one result per trainer step -------------------------------------------------------------------
@@ -348,8 +356,7 @@ class RewardCore:
         # 2. Combine the valid samples (also when there are none).
         batch = RewardBatch(reward=None, scores=scores, errors=errors, fill=self.fill, aside=aside)
         if self.combiner is not None:
-            valid = batch.valid
-            combined, idx = self.combine(scores, valid)
+            combined, idx = self._combine_valid(batch, named)
             batch.reward = torch.full((n,), float("nan"))
             batch.reward[idx] = combined.reward.detach().float().cpu()
             for k, v in combined.normalized.items():
@@ -359,6 +366,27 @@ class RewardCore:
                 batch.gated = torch.zeros(n, dtype=torch.bool)
                 batch.gated[idx] = combined.gated.cpu()
         return batch
+
+    def _combine_valid(self, batch: RewardBatch, named):
+        """The combiner over the batch's valid samples. A sample whose normalised or weighted value
+        overflows is that sample's error (named by its batch index): raised, or -- when the
+        combiner keeps no running statistics, so combining again changes nothing else -- set
+        aside like any invalid sample and the others combined again."""
+        while True:
+            valid = batch.valid
+            try:
+                return self.combine(batch.scores, valid)
+            except SampleError as exc:
+                if exc.index is None:
+                    raise
+                i = int(valid.nonzero().reshape(-1)[exc.index])
+                error = named(exc, i)
+                if self.on_invalid == "raise" or self.combiner.running is not None:
+                    raise error from exc
+                batch.errors = dict(sorted({**batch.errors, i: error}.items()))
+                for v in batch.scores.values():
+                    v[i] = float("nan")
+                self._note_invalid({i: error}, "sample")
 
     def _note_invalid(self, errors: dict[int, SampleError], where: str) -> None:
         """Count the batch's invalid samples; warn about the first batch that has any, once."""
@@ -389,6 +417,9 @@ def _dimension_names(spec: ModelSpec, model) -> tuple[tuple[str, ...], dict]:
     if model is not None:
         heads = getattr(model, "heads", None)
         return tuple(model.dimension_names), dict(getattr(heads, "stats", {}) or {})
+    if spec.is_remote:  # the server's dimensions and statistics (GET /info)
+        scorer = get_scorer(spec)
+        return scorer.dimension_names, scorer.stats
     if spec.heads_state is not None:
         heads = RidgeHeads.from_bytes(spec.heads_state)
     elif spec.heads is not None:
@@ -429,3 +460,64 @@ class CoreReward:
     @property
     def model(self):
         return self.core.model
+
+
+# -- rewards a trainer configures from YAML ----------------------------------------------------------
+# The flat keywords of every function a trainer configures from its own config (verl's
+# reward_kwargs, flow_grpo's scorer factories): the model's (a ModelSpec is built from them, with
+# model_or_path as the checkpoint) and the reward's.
+REWARD_KWARGS = ("model_or_path", "base_model", "heads", "weights", "normalize", "gates", "momentum", "on_invalid",
+                 "device", "dtype", "rope", "image_size", "max_length", "offload", "max_batch_tokens",
+                 "max_batch_patches", "max_images_per_chunk")
+_REWARD_SETTINGS = ("weights", "normalize", "gates", "momentum", "on_invalid")
+_CORES: dict[str, RewardCore] = {}
+
+
+def _canonical(value):
+    """A JSON-able, order-independent form of a keyword's value (the cache key's content)."""
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def core_from_kwargs(*, invalid_options: Sequence[str] = ON_INVALID, default_on_invalid="raise",
+                     **kwargs) -> RewardCore:
+    """The :class:`RewardCore` of flat keywords (:data:`REWARD_KWARGS`), one per distinct settings
+    and process: a trainer calling its reward function per sample builds the model, its heads and
+    its combiner once. Containers from a config system (OmegaConf) are read as plain dicts/lists.
+
+    Raises ``ConfigError`` naming an unknown keyword, or a missing ``model_or_path``."""
+    unknown = sorted(set(kwargs) - set(REWARD_KWARGS))
+    if unknown:
+        raise ConfigError(f"unknown MULTI-TAP reward setting(s) {unknown}; valid: {list(REWARD_KWARGS)}")
+    kwargs = {k: _plain(v) for k, v in kwargs.items()}
+    if not kwargs.get("model_or_path"):
+        raise ConfigError("the MULTI-TAP reward needs model_or_path (a checkpoint directory or hub id)")
+    kwargs.setdefault("on_invalid", default_on_invalid)
+    key = json.dumps({"kwargs": _canonical(kwargs), "options": list(invalid_options)}, sort_keys=True)
+    with _LOCK:
+        core = _CORES.get(key)
+    if core is not None:
+        return core
+    reward = {k: kwargs.pop(k) for k in _REWARD_SETTINGS if k in kwargs}
+    if "gates" in reward and reward["gates"] is None:
+        reward["gates"] = ()
+    spec = ModelSpec.from_kwargs(kwargs.pop("model_or_path"), **kwargs)
+    core = RewardCore(spec, invalid_options=invalid_options, **reward)
+    with _LOCK:
+        return _CORES.setdefault(key, core)
+
+
+def _plain(value):
+    """OmegaConf containers (verl's config) as plain dicts and lists; anything else as it is."""
+    if hasattr(value, "items") and not isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if not isinstance(value, (str, bytes)) and isinstance(value, Sequence) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    return value

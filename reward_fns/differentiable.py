@@ -73,6 +73,9 @@ def differentiable_reward(model_or_spec, weights=None, *, base_model=None, heads
     """
     core = RewardCore(model_or_spec, base_model=base_model, heads=heads, weights=weights, normalize=normalize,
                       gates=gates, momentum=momentum, on_invalid="raise", invalid_options=("raise",))
+    if core.spec.is_remote:
+        raise ConfigError("a differentiable reward needs the model here (gradients flow to the pixels); a served "
+                          "reward returns numbers only: use ddpo_reward with the URL")
     if core.spec.offload or core.spec.shard is not None:
         raise ConfigError("a differentiable reward keeps its model in place for the backward pass: use a spec without "
                           "offload and shard")

@@ -274,3 +274,36 @@ def test_example_tiny_run_leaves_nothing_behind_and_its_help_keeps_line_breaks(t
     with pytest.raises(SystemExit):
         grpo_captioner.parse_args(["--help"])
     assert "examples/grpo_captioner.py \\\n        --policy" in capsys.readouterr().out
+
+
+def test_an_overflow_in_the_combiner_is_that_samples_error_named_by_its_batch_index(tiny_model, images):
+    """The combiner sees only the valid samples; its per-sample error names the caller's sample."""
+    from multitap_rl.errors import SampleError
+    from reward_fns.core import RewardCore
+
+    class Overflowing:
+        """Stands for a combiner whose normalised value overflows for one sample."""
+
+        running, gates = None, ()
+
+        def __init__(self, real):
+            self.real, self.raised = real, False
+
+        def __call__(self, dims):  # the last of the samples it sees overflows, once
+            if not self.raised:
+                self.raised = True
+                raise SampleError(len(dims["overall"]) - 1, "score", "the normalised value overflows float32")
+            return self.real(dims)
+
+    texts = ["A red circle.", "Two dogs.", "A tree."]
+    for on_invalid in (-5.0, "skip"):
+        core = RewardCore(tiny_model, on_invalid=on_invalid)
+        core.combiner = Overflowing(core.combiner)
+        batch = core.evaluate([b"not an image", images[1], images[2]], texts)
+        assert sorted(batch.errors) == [0, 2] and "overflows" in str(batch.errors[2])
+        assert batch.values()[1] == pytest.approx(float(tiny_model.score(images[1:2], texts[1:2]).overall[0]), abs=1e-6)
+        assert batch.values()[2] == (None if on_invalid == "skip" else -5.0)
+    strict = RewardCore(tiny_model, on_invalid="raise")
+    strict.combiner = Overflowing(strict.combiner)
+    with pytest.raises(SampleError, match="score 2: the normalised value overflows"):
+        strict.evaluate([images[0], images[1], images[2]], texts)

@@ -36,8 +36,11 @@ Attributes: ``family``, ``model_types`` (the ``config.model_type`` values it ser
 from __future__ import annotations
 
 import inspect
+import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -47,7 +50,7 @@ from torch import nn
 from ..errors import ConfigError
 
 __all__ = ["CAPTION_INSTRUCTION", "Backbone", "FeatureSettings", "PreparedImage", "Segment", "Tokenized", "cache_argument",
-           "output_cache", "PromptError", "check_prefix", "pin_float32_buffers", "place_image_features", "reference_messages"]
+           "load_image_processor", "output_cache", "PromptError", "check_prefix", "pin_float32_buffers", "place_image_features", "reference_messages"]
 
 CAPTION_INSTRUCTION = "Describe this image."
 
@@ -154,6 +157,28 @@ class Segment:
     # True: each row ends where its sample ends, and forward returns its feature. False: a
     # shared-prefix segment (run for its cache only; the returned hidden state is ignored).
     final: bool = True
+
+
+def load_image_processor(base_dir):
+    """The base model's image processor, the PIL one (no torchvision). Some transformers 5.x releases
+    gate ``AutoImageProcessor`` itself on torchvision; there the class the preprocessor config names
+    is taken directly, its ``...Pil`` variant first (identical pixel values)."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(base_dir)
+    except ImportError:
+        cfg_path = Path(os.fspath(base_dir)) / "preprocessor_config.json"
+        name = json.loads(cfg_path.read_text()).get("image_processor_type") if cfg_path.is_file() else None
+        if not isinstance(name, str):
+            raise
+        base = name.removesuffix("Fast")
+        for candidate in (base + "Pil", base):
+            cls = getattr(transformers, candidate, None)
+            if cls is not None:
+                return cls.from_pretrained(base_dir)
+        raise
 
 
 class PromptError(ValueError):

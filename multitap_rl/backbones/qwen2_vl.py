@@ -30,6 +30,7 @@ from .base import (
     PromptError,
     cache_argument,
     check_prefix,
+    load_image_processor,
     output_cache,
     place_image_features,
     reference_messages,
@@ -248,9 +249,9 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
 
 def image_only_processor(base_model) -> ImageOnlyQwen2VLProcessor:
     """The :class:`ImageOnlyQwen2VLProcessor` of a Qwen2-VL model (local directory or hub id)."""
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
-    image_processor = AutoImageProcessor.from_pretrained(base_model)
+    image_processor = load_image_processor(base_model)
     return ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                      chat_template=tokenizer.chat_template)
