@@ -142,3 +142,43 @@ def test_steering_report_shape(tmp_path):
     assert write_plots(report, sheet, tmp_path) == ["reward_curve.png", "heldout_accuracy.png", "samples.png"]
     table = final_table(report)
     assert sum("<- target" in line for line in table) == 2
+
+
+def test_multi_objective_runs_both_aggregations_and_reports_the_tradeoff(tmp_path):
+    """Each multi-objective weighting: one weighted reward and one reward per dimension under TRL's
+    normalize_then_sum, beside the single-dimension runs; report and trade-off plot."""
+    from multitap_rl.world import run_captioner_world
+    from multitap_rl.world.captioner import check_targets
+    from multitap_rl.world.report import final_table, write_plots
+
+    cfg = CaptionerWorldConfig(steering=("color=1", "position=1"), multi_objective=("color=1,position=1",),
+                               judge_color_steps=10, judge_steps=0, heads_n=64, warm_steps=2, grpo_steps=2,
+                               batch_size=8, n_train_images=16, eval_repeats=1, eval_every=1, n_sheet=3)
+    assert cfg.runs() == [("color=1", "sum"), ("position=1", "sum"), ("color=1,position=1", "sum"),
+                          ("color=1,position=1", "normalize_then_sum")]
+    report, sheet = run_captioner_world(cfg, tmp_path / "work", log=lambda *a: None)
+    mo = report["multi_objective"]
+    assert [(r["weights"], r["aggregation"]) for r in mo] == cfg.runs()
+    assert all(set(r["heldout"]) == {"color", "shape", "position"} for r in mo)
+    assert [r["aggregation"] for r in report["combined"]] == ["sum", "normalize_then_sum"]
+    assert "tradeoff.png" in write_plots(report, sheet, tmp_path) and (tmp_path / "tradeoff.png").stat().st_size
+    assert sum("normalize_then_sum" in line for line in final_table(report)) == 5
+    both = "color=1,position=1: every weighted attribute +0.2 under some aggregation"
+    assert both in check_targets(report)
+    fake = {"captioner": report["captioner"], "multi_objective": [
+        {"weights": "color=1,position=1", "aggregation": agg,
+         "heldout": {"color": {"before": 0.25, "after": c}, "position": {"before": 0.33, "after": p},
+                     "shape": {"before": 0.25, "after": 0.25}}} for agg, c, p in
+        [("sum", 0.9, 0.4), ("normalize_then_sum", 0.6, 0.6)]]}
+    assert check_targets(fake)[both] is True  # the second aggregation raised both
+    fake["multi_objective"][1]["heldout"]["position"]["after"] = 0.5
+    assert check_targets(fake)[both] is False
+
+
+def test_multi_objective_is_checked_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="multi_objective must be a tuple"):
+        CaptionerWorldConfig(multi_objective="color=1,position=1")
+    with pytest.raises(ConfigError, match="unknown dimension"):
+        CaptionerWorldConfig(multi_objective=("colour=1,position=1",))
+    assert main(["demo", "--multi-objective", "--multi-weights", " ; ", "--output-dir", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()

@@ -8,7 +8,9 @@ Offline (the default): the captioner world (:mod:`multitap_rl.world`) --
    random, so held-out accuracy starts at chance);
 3. TRL GRPO against ``reward_fns.multitap_reward(judge, weights=--weights)``;
 4. held-out accuracy per attribute, judged by string matching against the scene (never by the
-   reward model), before, during and after; ``--steering`` adds one run per ``--steer-weights``.
+   reward model), before, during and after; ``--steering`` adds one run per ``--steer-weights``;
+   ``--multi-objective`` also trains each ``--multi-weights`` weighting as one weighted reward and
+   as one reward per dimension under TRL's ``normalize_then_sum`` (``tradeoff.png``).
 
 Writes ``--output-dir``: ``report.json``, ``reward_curve.png``, ``heldout_accuracy.png``,
 ``samples.png``. With ``--checkpoint`` (a real MULTI-TAP model): score and rerank candidate
@@ -45,6 +47,12 @@ def add_arguments(p) -> None:
                    help='weights over dimensions (offline: overall, color, shape, position; default "color=1")')
     p.add_argument("--steer-weights", default="color=1;position=1",
                    help="';'-separated weightings for --steering (default: color=1;position=1)")
+    p.add_argument("--multi-objective", action="store_true",
+                   help="also train --multi-weights as one weighted reward (sum) and as one reward per dimension "
+                        "under TRL's normalize_then_sum, beside the single-dimension runs of --steer-weights; "
+                        "report.json gets 'multi_objective', and tradeoff.png is drawn")
+    p.add_argument("--multi-weights", default="color=1,position=1",
+                   help="';'-separated weightings for --multi-objective (default: color=1,position=1)")
     p.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps (offline default 300; --checkpoint: 2)")
     p.add_argument("--warm-steps", type=int, default=300, help="offline: warm-start (format) steps")
     p.add_argument("--judge-steps", type=int, default=900,
@@ -132,11 +140,16 @@ def run(args) -> int:
     # Every argument is checked here, before any training; the output directory last (it is created).
     cfg = CaptionerWorldConfig(
         seed=args.seed, weights=args.weights or "color=1",
-        steering=tuple(w.strip() for w in args.steer_weights.split(";") if w.strip()) if args.steering else (),
+        steering=tuple(w.strip() for w in args.steer_weights.split(";") if w.strip())
+        if args.steering or args.multi_objective else (),
+        multi_objective=tuple(w.strip() for w in args.multi_weights.split(";") if w.strip())
+        if args.multi_objective else (),
         grpo_steps=300 if args.grpo_steps is None else args.grpo_steps, warm_steps=args.warm_steps,
         judge_steps=args.judge_steps)
     if args.steering and not cfg.steering:
         raise ConfigError("--steering needs at least one weighting in --steer-weights")
+    if args.multi_objective and not cfg.multi_objective:
+        raise ConfigError("--multi-objective needs at least one weighting in --multi-weights")
     out = _writable_output_dir(args.output_dir)
     emit(f"multitap-rl demo: the captioner world, seed {cfg.seed}; report and plots go to {out}")
     t = time.perf_counter()

@@ -43,6 +43,8 @@ class CaptionerWorldConfig:
     seed: int = 0
     weights: str = "color=1"
     steering: tuple[str, ...] = ()  # one GRPO run per weighting (the default run's weights reused)
+    # each weighting also trained with per-dimension rewards under TRL's normalize_then_sum
+    multi_objective: tuple[str, ...] = ()
     colors: tuple[str, ...] = ("red", "green", "blue", "yellow")
     shapes: tuple[str, ...] = ("circle", "square", "triangle", "cross")
     positions: tuple[str, ...] = ("left", "top", "center")
@@ -98,22 +100,24 @@ class CaptionerWorldConfig:
             raise ConfigError(f"min_p must lie in [0, 1), got {self.min_p!r}")
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ConfigError(f"prompt must be a non-empty string, got {self.prompt!r}")
-        if not isinstance(self.weights, str) or isinstance(self.steering, str) \
-                or not all(isinstance(w, str) for w in self.steering):
-            raise ConfigError(f"weights must be a string and steering a tuple of strings, got {self.weights!r} and "
-                              f"{self.steering!r}")
+        for name in ("steering", "multi_objective"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(w, str) for w in value):
+                raise ConfigError(f"{name} must be a tuple of strings, got {value!r}")
+        if not isinstance(self.weights, str):
+            raise ConfigError(f"weights must be a string, got {self.weights!r}")
         if any(a not in ATTRIBUTES for a in self.judge_attributes) or not self.judge_attributes:
             raise ConfigError(f"judge_attributes must be names from {ATTRIBUTES}, got {self.judge_attributes}")
-        for w in (self.weights, *self.steering):
+        for w in (self.weights, *self.steering, *self.multi_objective):
             steering_target(w)  # every weighting parses and names known dimensions, before any training
 
-    def runs(self) -> list[str]:
-        """The weightings to train, each once: the default run's, then the steering ones."""
-        out = [str(parse_weights(self.weights))]
-        for w in self.steering:
-            if str(parse_weights(w)) not in out:
-                out.append(str(parse_weights(w)))
-        return out
+    def runs(self) -> list[tuple[str, str]]:
+        """The (weighting, aggregation) pairs to train, each once: the default run's, the steering
+        ones, then each multi-objective weighting as one weighted reward ("sum") and as one
+        reward per dimension under TRL's "normalize_then_sum"."""
+        out = [(str(parse_weights(w)), "sum") for w in (self.weights, *self.steering, *self.multi_objective)]
+        out += [(str(parse_weights(w)), "normalize_then_sum") for w in self.multi_objective]
+        return list(dict.fromkeys(out))
 
 
 DIMENSIONS = ("overall", *ATTRIBUTES)
@@ -229,14 +233,27 @@ def greedy_captions(policy, processor, images, prompt: str, batch_size: int = 64
 
 
 def run_grpo(policy, processor, judge, weights: str, train_images, cfg: CaptionerWorldConfig, out_dir: str,
-             evaluate=None, progress: bool = False) -> dict:
-    """GRPO with TRL against ``multitap_reward(judge, weights)``; ``evaluate()`` every
-    ``cfg.eval_every`` steps. Returns the per-step mean rewards, the dimensions' last means and the
-    evaluation curve."""
+             evaluate=None, progress: bool = False, aggregation: str = "sum") -> dict:
+    """GRPO with TRL against the judge's reward; ``evaluate()`` every ``cfg.eval_every`` steps.
+
+    ``aggregation="sum"``: one callable, ``multitap_reward(judge, weights)`` (the weighted sum);
+    ``"normalize_then_sum"``: ``multitap_objective_rewards(judge, dims)`` for the weighted
+    dimensions, with TRL's ``reward_weights`` and ``multi_objective_aggregation`` (each dimension
+    normalised within its GRPO group before the weighted sum, as GDPO). Returns the per-step mean
+    rewards, the dimensions' last means and the evaluation curve."""
     import trl
     from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
-    from reward_fns import captioning_dataset, multitap_reward
+    from reward_fns import captioning_dataset, multitap_objective_rewards, multitap_reward
+
+    if aggregation == "sum":
+        reward_funcs, extra = multitap_reward(judge, weights=weights), {}
+    elif aggregation == "normalize_then_sum":
+        w = {k: v for k, v in parse_weights(weights).as_dict().items() if v != 0}
+        reward_funcs = multitap_objective_rewards(judge, dims=list(w))
+        extra = {"reward_weights": list(w.values()), "multi_objective_aggregation": "normalize_then_sum"}
+    else:
+        raise ConfigError(f"aggregation must be 'sum' or 'normalize_then_sum', got {aggregation!r}")
 
     args = trl.GRPOConfig(
         output_dir=out_dir, per_device_train_batch_size=cfg.batch_size, num_generations=cfg.num_generations,
@@ -244,9 +261,9 @@ def run_grpo(policy, processor, judge, weights: str, train_images, cfg: Captione
         learning_rate=cfg.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         beta=cfg.beta, temperature=1.0, min_p=cfg.min_p, loss_type="dapo", scale_rewards="group",
         gradient_checkpointing=False, bf16=False, use_cpu=True,  # GRPOConfig defaults both to True
-        logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=not progress, seed=cfg.seed,
+        logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=not progress, seed=cfg.seed, **extra,
     )
-    trainer = trl.GRPOTrainer(model=policy, reward_funcs=multitap_reward(judge, weights=weights), args=args,
+    trainer = trl.GRPOTrainer(model=policy, reward_funcs=reward_funcs, args=args,
                               train_dataset=captioning_dataset(train_images, prompt=cfg.prompt),
                               processing_class=processor)
     trainer.remove_callback(PrinterCallback)
@@ -328,30 +345,37 @@ def run_captioner_world(cfg: CaptionerWorldConfig, work_dir: str | Path, *, prog
         return (acc, [caps[i] for i in sheet]) if keep else acc
 
     runs = []
-    for weights in cfg.runs():
-        run: dict = {"weights": weights, "target": steering_target(weights)}
+    for weights, aggregation in cfg.runs():
+        run: dict = {"weights": weights, "aggregation": aggregation, "target": steering_target(weights)}
+        name = weights if aggregation == "sum" else f"{weights}, {aggregation}"
         torch.manual_seed(cfg.seed)
         policy, processor = load_policy(base)  # the untrained base, fresh for every run
-        log(f"[2/4] captioner ({weights}): warm start on the caption format, attributes drawn at random ...")
+        log(f"[2/4] captioner ({name}): warm start on the caption format, attributes drawn at random ...")
         run["warm"] = timed("warm", warm_start, policy, processor, cfg, progress)
         before, before_caps = timed("eval", evaluate, policy, processor, True)
-        log(f"[3/4] captioner ({weights}): GRPO, {cfg.grpo_steps} steps against the judge's weighted reward ...")
+        log(f"[3/4] captioner ({name}): GRPO, {cfg.grpo_steps} steps against the judge's weighted reward ...")
         grpo = timed("grpo", run_grpo, policy, processor, judge, weights, train_images, cfg, str(work / "grpo"),
-                     evaluate=lambda p=policy, pr=processor: evaluate(p, pr), progress=progress)
+                     evaluate=lambda p=policy, pr=processor: evaluate(p, pr), progress=progress,
+                     aggregation=aggregation)
         after, after_caps = timed("eval", evaluate, policy, processor, True)
         run.update(steps=grpo["steps"], seconds=grpo["seconds"], reward=grpo["reward"], rewards=grpo["rewards"],
                    heldout={a: {"before": before[a], "after": after[a]} for a in (*ATTRIBUTES, "format")},
                    curve=[{"step": 0, **before}, *grpo["curve"], {"step": grpo["steps"], **after}],
                    samples=[{"truth": caption_of(eval_scenes[i].color, eval_scenes[i].shape, eval_scenes[i].position),
                              "before": b, "after": a} for i, b, a in zip(sheet, before_caps, after_caps)])
-        log(f"[4/4] held-out accuracy ({weights}): "
+        log(f"[4/4] held-out accuracy ({name}): "
             + ", ".join(f"{a} {before[a]:.2f} -> {after[a]:.2f}" for a in ATTRIBUTES))
         runs.append(run)
         del policy
     report["captioner"] = runs[0]
+    by_run = {(r["weights"], r["aggregation"]): r for r in runs}
     if cfg.steering:
-        by_weights = {r["weights"]: r for r in runs}
-        report["steering"] = [by_weights[str(parse_weights(w))] for w in cfg.steering]
+        report["steering"] = [by_run[(str(parse_weights(w)), "sum")] for w in cfg.steering]
+    if cfg.multi_objective:  # every run, the single-dimension ones beside the combined ones, for comparison
+        report["multi_objective"] = [{"weights": r["weights"], "aggregation": r["aggregation"],
+                                      "heldout": {a: dict(r["heldout"][a]) for a in ATTRIBUTES}} for r in runs]
+        shown = [report["captioner"], *report.get("steering", [])]
+        report["combined"] = [r for r in runs if all(r is not s for s in shown)]  # the multi-objective runs in full
     seconds["total"] = round(time.perf_counter() - t_all, 1)
     report["seconds"] = seconds
     report["config"] = dataclasses.asdict(cfg)
@@ -359,8 +383,9 @@ def run_captioner_world(cfg: CaptionerWorldConfig, work_dir: str | Path, *, prog
 
 
 def check_targets(report: dict) -> dict:
-    """The issue's targets, checked on a report: the default colour run (colour after >= 0.5, gain
-    >= 0.25) and each steering run (target gain >= 0.2 and >= 0.15 above any other attribute)."""
+    """The targets, checked on a report: the default colour run (colour after >= 0.5, gain >= 0.25),
+    each steering run (target gain >= 0.2 and >= 0.15 above any other attribute), and for each
+    multi-objective weighting, whether some aggregation raised every weighted attribute by >= 0.2."""
     out = {}
 
     def gain(run, a):
@@ -375,4 +400,9 @@ def check_targets(report: dict) -> dict:
             continue
         others = max(gain(run, a) for a in ATTRIBUTES if a != t)
         out[run["weights"]] = gain(run, t) >= 0.2 and gain(run, t) - others >= 0.15
+    for run in report.get("multi_objective", []):
+        weighted = [a for a, w in parse_weights(run["weights"]).as_dict().items() if a in ATTRIBUTES and w > 0]
+        if len(weighted) > 1:
+            key = f"{run['weights']}: every weighted attribute +0.2 under some aggregation"
+            out[key] = out.get(key, False) or all(gain(run, a) >= 0.2 for a in weighted)
     return out

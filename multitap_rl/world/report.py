@@ -21,9 +21,38 @@ def _printable(text: str) -> str:
 
 
 def _runs(report: dict) -> list[dict]:
+    """Every trained run once: the default, then the steering and the multi-objective ones."""
     runs = [report["captioner"]]
     runs += [r for r in report.get("steering", []) if r["weights"] != runs[0]["weights"]]
-    return runs
+    return runs + list(report.get("combined", []))
+
+
+def _name(run: dict) -> str:
+    agg = run.get("aggregation", "sum")
+    return run["weights"] if agg == "sum" else f"{run['weights']} ({agg})"
+
+
+# chance on the held-out set: one value of each attribute drawn uniformly
+_CHANCE = {"color": 1 / 4, "shape": 1 / 4, "position": 1 / 3}
+
+
+def _tradeoff(plt, report: dict, out: Path) -> str:
+    """``tradeoff.png``: colour vs position accuracy after training, one point per run."""
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for r in report["multi_objective"]:
+        h = r["heldout"]
+        marker = "o" if r["aggregation"] == "sum" else "s"
+        ax.scatter(h["color"]["after"], h["position"]["after"], marker=marker, s=50,
+                   label=_name(r))
+    ax.axvline(_CHANCE["color"], color="grey", ls=":", lw=1)
+    ax.axhline(_CHANCE["position"], color="grey", ls=":", lw=1, label="chance")
+    ax.set(xlabel="held-out colour accuracy (after)", ylabel="held-out position accuracy (after)",
+           xlim=(0, 1.05), ylim=(0, 1.05), title="weightings x aggregations")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out / "tradeoff.png", dpi=100)
+    plt.close(fig)
+    return "tradeoff.png"
 
 
 def write_plots(report: dict, sheet_images, out_dir: str | Path) -> list[str]:
@@ -34,7 +63,7 @@ def write_plots(report: dict, sheet_images, out_dir: str | Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for r in runs:
-        ax.plot(range(1, len(r["rewards"]) + 1), r["rewards"], label=r["weights"], lw=1)
+        ax.plot(range(1, len(r["rewards"]) + 1), r["rewards"], label=_name(r), lw=1)
     ax.set(xlabel="GRPO step", ylabel="mean reward", title="weighted MULTI-TAP reward during GRPO")
     ax.legend()
     fig.tight_layout()
@@ -46,7 +75,7 @@ def write_plots(report: dict, sheet_images, out_dir: str | Path) -> list[str]:
         steps = [c["step"] for c in r["curve"]]
         for a in ATTRIBUTES:
             ax.plot(steps, [c[a] for c in r["curve"]], marker="o", label=a)
-        ax.set(xlabel="GRPO step", ylabel="held-out accuracy", ylim=(0, 1.05), title=f"weights {r['weights']}")
+        ax.set(xlabel="GRPO step", ylabel="held-out accuracy", ylim=(0, 1.05), title=_name(r))
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "heldout_accuracy.png", dpi=100)
@@ -68,18 +97,22 @@ def write_plots(report: dict, sheet_images, out_dir: str | Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "samples.png", dpi=100)
     plt.close(fig)
-    return ["reward_curve.png", "heldout_accuracy.png", "samples.png"]
+    names = ["reward_curve.png", "heldout_accuracy.png", "samples.png"]
+    if report.get("multi_objective"):
+        names.append(_tradeoff(plt, report, out))
+    return names
 
 
 def final_table(report: dict) -> list[str]:
     """Lines of the final table: held-out accuracy before / after per run and attribute."""
-    lines = [f"{'weights':<24} {'attribute':<10} {'before':>7} {'after':>7} {'gain':>7}"]
+    width = max(24, *(len(_name(r)) for r in _runs(report)))
+    lines = [f"{'weights':<{width}} {'attribute':<10} {'before':>7} {'after':>7} {'gain':>7}"]
     for r in _runs(report):
         for a in (*ATTRIBUTES, "format"):
             h = r["heldout"][a]
             mark = "  <- target" if a == r.get("target") else ""
-            lines.append(f"{r['weights']:<24} {a:<10} {h['before']:>7.3f} {h['after']:>7.3f} "
+            lines.append(f"{_name(r):<{width}} {a:<10} {h['before']:>7.3f} {h['after']:>7.3f} "
                          f"{h['after'] - h['before']:>+7.3f}{mark}")
-        lines.append(f"{r['weights']:<24} {'reward':<10} {r['reward']['first']:>7.3f} {r['reward']['last']:>7.3f} "
+        lines.append(f"{_name(r):<{width}} {'reward':<10} {r['reward']['first']:>7.3f} {r['reward']['last']:>7.3f} "
                      f"{r['reward']['last'] - r['reward']['first']:>+7.3f}")
     return lines
