@@ -56,7 +56,7 @@ def build(args, workdir: str | Path, reward_fn=None):
     from reward_fns.differentiable import differentiable_reward
 
     workdir = Path(workdir)
-    sd_pipeline, reward, prompt_fn, mixed = prepare(args, workdir, differentiable_reward, reward_fn)
+    sd_pipeline, reward, prompt_fn, mixed = prepare(args, workdir, differentiable_reward, reward_fn, log=logger)
 
     # Truncated backprop: gradients flow through denoising steps i >= steps - K only. The window
     # must lie inside the schedule, else no step keeps its graph and backward() fails.

@@ -110,13 +110,14 @@ def parse_args(argv=None):
 
 
 class RecordingReward:
-    """Wraps a reward function; keeps per-call statistics (reward mean, image range) for logging.
-    ``transform="log"`` hands the trainer ``log(reward)`` (monotone: the same ranking; for reward
-    backpropagation through a sigmoid score it undoes the saturation, d log(sigmoid(s))/ds =
-    1 - sigmoid(s)); the recorded means are the untransformed reward."""
+    """Wraps a reward function; keeps per-call statistics (reward mean, image range) for logging
+    (to ``log``, the running example's logger). ``transform="log"`` hands the trainer
+    ``log(reward)`` (monotone: the same ranking; for reward backpropagation through a sigmoid score
+    it undoes the saturation, d log(sigmoid(s))/ds = 1 - sigmoid(s)); the recorded means are the
+    untransformed reward."""
 
-    def __init__(self, reward_fn, transform: str = "none"):
-        self.reward_fn, self.transform = reward_fn, transform
+    def __init__(self, reward_fn, transform: str = "none", log: logging.Logger = logger):
+        self.reward_fn, self.transform, self.log = reward_fn, transform, log
         self.__name__ = getattr(reward_fn, "__name__", "reward")
         self.calls: list[dict] = []
         self.seconds = 0.0
@@ -128,7 +129,7 @@ class RecordingReward:
         self.calls.append({"n": len(prompts), "reward_mean": float(rewards.detach().float().mean()),
                            "image_min": float(images.detach().min()), "image_max": float(images.detach().max()),
                            "image_shape": list(images.shape), "dims": sorted(info)})
-        logger.info("reward batch %d: mean %.4f (%s)", len(self.calls), self.calls[-1]["reward_mean"],
+        self.log.info("reward batch %d: mean %.4f (%s)", len(self.calls), self.calls[-1]["reward_mean"],
                     ", ".join(f"{k}={float(v.float().mean()):.3f}" for k, v in info.items() if k != "gated"))
         if self.transform == "log":
             rewards = rewards.clamp_min(1e-6).log()
@@ -168,10 +169,10 @@ def import_trl(*names: str):
                           "(in its own virtualenv; it conflicts with the 'trl' extra)") from None
 
 
-def prepare(args, workdir: Path, make_reward, reward_fn=None):
+def prepare(args, workdir: Path, make_reward, reward_fn=None, log: logging.Logger = logger):
     """Shared by the DDPO and AlignProp examples: (sd_pipeline, recording reward, prompt_fn,
     mixed precision). ``make_reward(checkpoint, base_model=..., heads=..., weights=..., ...)``
-    builds the MULTI-TAP reward unless ``reward_fn`` is given."""
+    builds the MULTI-TAP reward unless ``reward_fn`` is given; the reward logs to ``log``."""
     import torch
 
     (DefaultDDPOStableDiffusionPipeline,) = import_trl("DefaultDDPOStableDiffusionPipeline")
@@ -201,7 +202,7 @@ def prepare(args, workdir: Path, make_reward, reward_fn=None):
 
     # CPU needs mixed_precision="no".
     mixed = args.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
-    return sd_pipeline, RecordingReward(reward_fn, args.reward_transform), prompt_fn, mixed
+    return sd_pipeline, RecordingReward(reward_fn, args.reward_transform, log), prompt_fn, mixed
 
 
 def build(args, workdir: str | Path, reward_fn=None):
@@ -246,19 +247,17 @@ def _evaluate(args, sd_pipeline) -> dict:
 
 def write_report(args, out_dir: Path, name: str, before: dict, after: dict, reward: RecordingReward,
                  seconds: dict) -> dict:
-    """--tiny: ``report.json`` (oracle before/after, judge reward of the first/last call, the
+    """--tiny: ``report.json`` (oracle before/after, judge reward over the first/last calls, the
     settings, timings), ``grid.png`` (held-out samples before/after) and ``reward_curve.png``."""
     from multitap_rl.world import t2i
 
     out_dir.mkdir(parents=True, exist_ok=True)
     means = [c["reward_mean"] for c in reward.calls]
-    w = max(1, len(means) // 10)
     skip = ("world", "output_dir", "cache_dir", "pretrained_model", "checkpoint", "base_model")
     settings = {k: v for k, v in vars(args).items() if k not in skip}
     report = {
         "oracle": {"before": before["accuracy"], "after": after["accuracy"]},
-        "reward": {"first": means[0], "last": means[-1]},
-        "reward_window_mean": {"first": sum(means[:w]) / w, "last": sum(means[-w:]) / w, "window": w},
+        "reward": windowed(means),  # means over the first / last tenth of the calls
         "oracle_strict": {"before": before["strict"], "after": after["strict"]},
         "prompt_colour_pixel_share": {"before": before["share"], "after": after["share"]},
         "n_eval": len(after["colors"]),
@@ -278,9 +277,11 @@ def write_report(args, out_dir: Path, name: str, before: dict, after: dict, rewa
 def run_trainer(build_fn, args, workdir: str | Path | None = None, reward_fn=None, prefix: str = "t2i_") -> dict:
     """Build with ``build_fn``, train; return a summary (per-call reward means, image range,
     trainable parameters changed; --tiny: the oracle before/after too, and with --output-dir the
-    report and plots of :func:`write_report`). Shared by the DDPO and AlignProp examples."""
+    report and plots of :func:`write_report`). Shared by the DDPO and AlignProp examples; logs
+    under the example's own name (``prefix`` without its trailing ``_``)."""
     import torch
 
+    log = logging.getLogger(prefix.strip("_"))
     seconds: dict[str, float] = {}
     evals: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
@@ -308,7 +309,7 @@ def run_trainer(build_fn, args, workdir: str | Path | None = None, reward_fn=Non
         moved = sum(bool(after[n].any()) for n in zero_init)
         if args.output_dir:
             sd_pipeline.save_pretrained(args.output_dir)
-            logger.info("saved the trained pipeline to %s", args.output_dir)
+            log.info("saved the trained pipeline to %s", args.output_dir)
     summary = {
         "trainable_tensors": len(trainable),
         "changed_tensors": changed,
@@ -336,8 +337,27 @@ def run(args, workdir: str | Path | None = None, reward_fn=None) -> dict:
     return run_trainer(build, args, workdir, reward_fn, prefix="ddpo_t2i_")
 
 
+def windowed(means: list[float]) -> dict:
+    """First and last reward as means over a window of calls (a tenth of them, at least one): one
+    call is too noisy to say where a run started or ended."""
+    k = max(1, len(means) // 10)
+    return {"first": sum(means[:k]) / k, "last": sum(means[-k:]) / k, "window": k}
+
+
+def short_summary(summary: dict) -> dict:
+    """The summary without its per-call curve (one number per reward call: 1000 for an AlignProp
+    --tiny run): the number of calls and the windowed first and last means instead. The curve is
+    in the returned summary, and with --tiny --output-dir in reward_curve.png."""
+    means = summary["reward_means"]
+    short = {k: v for k, v in summary.items() if k != "reward_means"}
+    short["reward_calls"] = len(means)
+    short["reward"] = windowed(means)
+    return short
+
+
 def cli_main(parse, run_fn, argv=None) -> dict:
-    """Parse, train, print the summary as JSON (the entry point of both t2i examples)."""
+    """Parse, train, print a short summary as one JSON line (the entry point of both t2i
+    examples); return the whole summary."""
     import torch
 
     args = parse(argv)
@@ -345,7 +365,7 @@ def cli_main(parse, run_fn, argv=None) -> dict:
     if args.tiny:
         torch.set_num_threads(1)
     summary = run_fn(args)
-    print(json.dumps(summary))
+    print(json.dumps(short_summary(summary)))
     return summary
 
 

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 from pathlib import Path
 
 logger = logging.getLogger("grpo_captioner")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +85,57 @@ def _dataset(args):
     return captioning_dataset(ds)
 
 
+def _quiet() -> None:
+    """Little beside this example's own lines (as ``multitap-rl demo``): no deprecation chatter,
+    no library loading bars, and DeepSpeed's log (its accelerator line among the first) on stderr;
+    stdout stays empty."""
+    import contextlib
+    import importlib.util
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers.utils.logging.disable_progress_bar()  # loading bars; the training bar is _label_progress's
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+    if "deepspeed" not in sys.modules and importlib.util.find_spec("deepspeed") is not None:
+        # DeepSpeed's log handler writes to the sys.stdout of the moment it is imported, and it
+        # logs while importing: import it now, with stdout pointing at stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed  # noqa: F401
+
+
+def _label_progress(trainer, label: str) -> None:
+    """TRL's progress bar labelled ``label``, with the last step's mean reward beside it; the
+    per-step metric dicts the trainer would print to stdout go to this example's log (DEBUG)."""
+    from tqdm.auto import tqdm
+    from transformers import PrinterCallback, ProgressCallback
+
+    class LabelledBar(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            # tqdm's own bar: transformers' (the base class's) is off after _quiet(), with the
+            # library's loading bars.
+            if state.is_world_process_zero:
+                self.training_bar = tqdm(total=state.max_steps, desc=label, unit="step", dynamic_ncols=True)
+            self.current_step = 0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            logger.debug("step %d: %s", state.global_step, logs)
+            if self.training_bar is not None and isinstance(logs.get("reward"), (int, float)):
+                self.training_bar.set_postfix(reward=f"{logs['reward']:.3f}")
+
+    trainer.remove_callback(PrinterCallback)  # present when the bar is disabled
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(LabelledBar())
+
+
 def build(args, reward_funcs=None, workdir: str | None = None):
     """(trainer, reward_funcs). ``reward_funcs`` overrides the MULTI-TAP reward (tests wrap it)."""
     from multitap_rl import ModelSpec
@@ -113,12 +166,14 @@ def build(args, reward_funcs=None, workdir: str | None = None):
         batch_size=args.batch_size, max_completion_length=args.max_completion_length, max_steps=args.max_steps,
         learning_rate=args.learning_rate,
     )
+    _label_progress(trainer, f"{args.trainer.upper()} steps")
     return trainer, reward_funcs
 
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO)
     args = parse_args(argv)
+    _quiet()
     if args.tiny:
         import torch
 

@@ -31,6 +31,8 @@ __all__ = [
     "check_tensor",
     "hub_offline",
     "checkpoint_fingerprint",
+    "folder_above_hint",
+    "holds_weights",
     "load_strict",
     "read_multitap_config",
     "read_state_dict",
@@ -142,7 +144,7 @@ def _shards(ckpt_dir: Path) -> list[Path]:
             f"{ckpt_dir}: only pickle weights (*.bin/*.pt) found; multitap-rl reads safetensors only "
             "(convert them once in a trusted environment)"
         )
-    raise CheckpointError(f"{ckpt_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+    raise CheckpointError(folder_above_hint(ckpt_dir) or f"{ckpt_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "integer", float: "number", bool: "boolean",
@@ -154,6 +156,32 @@ def _shown(value, limit: int = 60) -> str:
     text = repr(value)
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{text} ({_JSON_TYPES.get(type(value), type(value).__name__)})"
+
+
+def holds_weights(path: Path) -> bool:
+    """True if ``path`` is a directory with ``model.safetensors`` or a safetensors index."""
+    return (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file()
+
+
+def folder_above_hint(ckpt_dir: Path, name: str | None = None) -> str | None:
+    """For a folder that holds no weights of its own but a checkpoint one level down -- a stage-1
+    output folder (``model/``, ``model-released/``, ``checkpoint-<step>/``) -- what to pass
+    instead, naming the folder as ``name`` (default: ``ckpt_dir``); None for any other folder."""
+    name = os.fspath(ckpt_dir) if name is None else name
+    if holds_weights(ckpt_dir):
+        return None
+    models = [sub for sub in ("model", "model-released") if holds_weights(ckpt_dir / sub)]
+    if models:
+        alt = f" (or {os.path.join(name, models[1])}, the released layout)" if len(models) > 1 else ""
+        return (f"{name!r} is a training output folder, not a checkpoint: pass {os.path.join(name, models[0])}"
+                f"{alt}")
+    steps = sorted((int(p.name[len("checkpoint-"):]), p.name) for p in ckpt_dir.glob("checkpoint-*")
+                   if p.is_dir() and p.name[len("checkpoint-"):].isdigit())
+    if steps:
+        return (f"{name!r} is a training output folder without a final model yet ({steps[-1][1]} holds "
+                "resumable training state, not a checkpoint): let the training finish (or resume it), then pass "
+                f"{os.path.join(name, 'model')}")
+    return None
 
 
 def read_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:

@@ -13,7 +13,8 @@ also the built-in exception code written before these classes existed would catc
 * :class:`CheckpointError` -- a checkpoint or base model that cannot be used as asked;
 * :class:`HeadsError` -- stage-2 heads that cannot be fit, read or used;
 * :class:`MissingDependencyError` -- an optional dependency (which extra to install), raised by
-  :func:`require`.
+  :func:`require` (one package, imported) and :func:`require_all` (every package a job needs,
+  checked at once before it starts).
 
 Bad samples have one vocabulary everywhere (``MultiTapModel.score``, every reward adapter, the
 CLI's ``--on-invalid``): ``on_invalid="raise"`` (the first bad sample raises a ``SampleError``
@@ -37,6 +38,7 @@ __all__ = [
     "SampleError",
     "check_on_invalid",
     "require",
+    "require_all",
 ]
 
 ON_INVALID = ("raise", "skip")
@@ -127,3 +129,28 @@ def require(package: str, extra: str, what: str):
     except ImportError:
         raise MissingDependencyError(f"{what} needs {package.split('.')[0]}: pip install 'multitap-rl[{extra}]'") \
             from None
+
+
+def require_all(needs, what: str) -> None:
+    """Check, before any work, that every optional package ``what`` needs is installed: ``needs`` is
+    ``[(package, extra), ...]`` (``extra``: the extra of multitap-rl that brings the package). One
+    :class:`MissingDependencyError` names every missing package and the extras to install, e.g.
+    ``the demo needs trl, datasets (extra 'trl') and matplotlib (extra 'plots'), not installed:
+    pip install 'multitap-rl[trl,plots]'``. Presence only: nothing is imported (a dotted name
+    imports its parent package)."""
+    import importlib.util
+
+    missing: dict[str, list[str]] = {}  # extra -> its missing packages, in the order given
+    for package, extra in needs:
+        try:
+            found = importlib.util.find_spec(package) is not None
+        except (ImportError, ValueError):  # a parent package missing, or a module without a spec
+            found = False
+        if not found and package not in missing.get(extra, []):
+            missing.setdefault(extra, []).append(package)
+    if not missing:
+        return
+    groups = [f"{', '.join(pkgs)} (extra {extra!r})" for extra, pkgs in missing.items()]
+    listing = groups[0] if len(groups) == 1 else f"{', '.join(groups[:-1])} and {groups[-1]}"
+    raise MissingDependencyError(f"{what} needs {listing}, not installed: "
+                                 f"pip install 'multitap-rl[{','.join(missing)}]'")

@@ -100,8 +100,20 @@ def _decode(data: bytes, index: int | None, origin: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, MultiTapError):
             raise
-        raise SampleError(index, "image", f"cannot decode {origin} as an image ({exc})") from None
+        raise SampleError(index, "image", f"cannot decode {origin} as an image: {_undecodable(data, exc)}") from None
     return img
+
+
+def _undecodable(data: bytes, exc: Exception) -> str:
+    """What was given, for a decode error: its size and first bytes when PIL recognised no format
+    (PIL's own text names only an in-memory buffer object), else PIL's reason."""
+    first = f"first bytes: {data[:16]!r}{'...' if len(data) > 16 else ''}"
+    if not data:
+        return "0 bytes (empty)"
+    if isinstance(exc, UnidentifiedImageError):
+        return f"{len(data)} bytes that are not an image PIL can read ({first})"
+    reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the data", str(exc)) or type(exc).__name__
+    return f"{reason} ({len(data)} bytes, {first})"
 
 
 def _check_pixels(width: int, height: int, index: int | None, origin: str) -> None:

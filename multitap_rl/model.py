@@ -173,7 +173,13 @@ def _backbone_options(options) -> dict:
 
 
 def _no_base_model_message(ckpt_dir: Path, name: str) -> str:
-    """Why a checkpoint has no base model: it may be a base model itself, not a MULTI-TAP checkpoint."""
+    """Why a checkpoint has no base model: it may be a base model itself, not a MULTI-TAP checkpoint,
+    or the training output folder above one (``DIR`` for ``DIR/model``)."""
+    from .checkpoint import INDEX_FILE, SINGLE_FILE, folder_above_hint, holds_weights
+
+    hint = folder_above_hint(ckpt_dir, name)
+    if hint is not None:
+        return hint
     cfg = ckpt_dir / "config.json"
     try:
         model_type = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
@@ -183,6 +189,8 @@ def _no_base_model_message(ckpt_dir: Path, name: str) -> str:
         return (f"{name!r} is a base model ({model_type}), not a MULTI-TAP checkpoint: pass it as the base model "
                 "(base_model= / --base-model) together with a MULTI-TAP checkpoint, or start a new reward model "
                 "from it with MultiTapModel.from_base_model / a stage-1 recipe")
+    if not holds_weights(ckpt_dir):
+        return f"checkpoint {name!r}: no {SINGLE_FILE} or {INDEX_FILE} there; is it a MULTI-TAP checkpoint folder?"
     return (f"checkpoint {name!r} does not name its base model: pass the base model (base_model= / --base-model, "
             "e.g. Qwen/Qwen2-VL-2B-Instruct)")
 

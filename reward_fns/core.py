@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import uuid
 import weakref
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from multitap_rl.errors import ON_INVALID, ConfigError, SampleError, check_on_invalid
+from multitap_rl.errors import ON_INVALID, CheckpointError, ConfigError, HeadsError, SampleError, check_on_invalid
 from multitap_rl.spec import ModelSpec
 
 __all__ = [
@@ -58,6 +59,29 @@ def _instance_token(model) -> str:
     return token
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # "org/name", as the loader fetches
+
+
+def _check_local_paths(spec: ModelSpec) -> None:
+    """Refuse, when the reward is made, a spec whose checkpoint or base model is a local path
+    (anything not shaped like a hub id ``org/name``: absolute, ``./``, ``../``, ``~``, deeper
+    relative paths) or whose heads directory does not exist -- a ``CheckpointError`` /
+    ``HeadsError`` naming the path, instead of a failure at the first reward call inside a running
+    trainer. Hub ids stay lazy (fetched, or refused offline, when the model loads); a served
+    reward's URL and a spec taken from an in-memory model are not checked."""
+    if spec.is_remote or spec.instance is not None:
+        return
+    for field_name, what, error in (("checkpoint", "checkpoint", CheckpointError),
+                                    ("base_model", "base model", CheckpointError), ("heads", "heads", HeadsError)):
+        name = getattr(spec, field_name)
+        if name is None or (field_name != "heads" and _HUB_ID.fullmatch(name)):
+            continue
+        path = os.path.expanduser(name)
+        if not os.path.exists(path):
+            kind = "" if field_name == "heads" else ", and not a hub id of the form 'org/name'"
+            raise error(f"{what} {name!r}: no such file or directory ({os.path.abspath(path)}){kind}")
+
+
 def resolve_model(model_or_spec, *, base_model=None, heads=None) -> tuple[ModelSpec, object | None]:
     """``(spec, already-loaded model or None)`` for what a reward factory was given.
 
@@ -70,7 +94,9 @@ def resolve_model(model_or_spec, *, base_model=None, heads=None) -> tuple[ModelS
     * a served reward's URL (``http(s)://host:port``, several comma-separated): scored through
       :class:`reward_fns.remote.RemoteScorer`.
 
-    ``base_model`` and ``heads`` are conveniences beside a path only."""
+    ``base_model`` and ``heads`` are conveniences beside a path only. A spec's or a path's local
+    paths that do not exist are refused here, when the reward is made (``CheckpointError``,
+    ``HeadsError``); hub ids load, or fail, lazily."""
     from multitap_rl.model import MultiTapModel
 
     extra = {k: v for k, v in (("base_model", base_model), ("heads", heads)) if v is not None}
@@ -84,9 +110,12 @@ def resolve_model(model_or_spec, *, base_model=None, heads=None) -> tuple[ModelS
     if isinstance(model_or_spec, ModelSpec):
         if extra:
             raise ConfigError(f"{sorted(extra)} go into the ModelSpec (ModelSpec(..., base_model=..., heads=...))")
+        _check_local_paths(model_or_spec)
         return model_or_spec, None
     if isinstance(model_or_spec, (str, os.PathLike)):
-        return ModelSpec(checkpoint=os.fspath(model_or_spec), **extra), None
+        spec = ModelSpec(checkpoint=os.fspath(model_or_spec), **extra)
+        _check_local_paths(spec)
+        return spec, None
     raise ConfigError(f"model_or_spec must be a MultiTapModel, a ModelSpec, a directory or a hub id, got "
                       f"{type(model_or_spec).__name__}")
 

@@ -78,12 +78,12 @@ def test_tiny_run_writes_the_report_and_plots(tmp_path, world_dir, name, extra):
     summary = ex.main(["--tiny", "--epochs", "2", "--batch-size", "2", *extra, "--cache-dir", world_dir,
                        "--output-dir", str(out)])
     report = json.loads((out / "report.json").read_text())
-    for key in ("oracle", "reward"):
-        assert set(report[key]) == ({"before", "after"} if key == "oracle" else {"first", "last"})
-        assert all(isinstance(v, float) for v in report[key].values())
+    assert set(report["oracle"]) == {"before", "after"} and set(report["reward"]) == {"first", "last", "window"}
+    assert all(isinstance(report["oracle"][k], float) for k in ("before", "after"))
     assert all(0.0 <= v <= 1.0 for v in report["oracle"].values())
-    assert all(0.0 < v < 1.0 for v in report["reward"].values())
+    assert all(0.0 < report["reward"][k] < 1.0 for k in ("first", "last"))
     assert report["n_eval"] == 64 and report["reward_calls"] == 2
+    assert report["reward"]["window"] == 1  # a tenth of 2 calls, at least one
     assert report["reward"]["first"] == summary["reward_means"][0]
     assert summary["oracle"] == report["oracle"]
     assert report["config"]["seed"] == 0 and report["config"]["epochs"] == 2

@@ -219,28 +219,31 @@ def test_demo_refuses_an_output_dir_under_a_file_before_training(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--output-dir" in err[0] and "cannot create it or write there" in err[0], err
     assert main(["demo", "--output-dir", str(tmp_path / "file"), "--no-progress"]) == 2
-    assert "exists and is not a directory" in capsys.readouterr().err
+    assert "is a file; pass a directory" in capsys.readouterr().err
 
 
 def test_demo_refuses_an_unwritable_output_dir_before_training(tmp_path, capsys, no_training, monkeypatch):
-    """The probe file is what finds it (a chmod-ed folder is writable to root, so the probe is
-    made to fail the way a read-only file system fails it)."""
+    """The staging folder is what finds it (a chmod-ed folder is writable to root, so creating it
+    is made to fail the way a read-only file system fails it)."""
     import tempfile
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
     assert main(["demo", "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--output-dir" in err and "Permission denied" in err
 
 
-def test_demo_probe_leaves_the_output_dir_as_it_was(tmp_path, monkeypatch):
-    from multitap_rl.commands.demo import _writable_output_dir
+def test_a_failed_staged_output_leaves_no_folder_behind(tmp_path):
+    from multitap_rl.commands._common import staged_output
 
-    out = _writable_output_dir(str(tmp_path / "a" / "b"))
-    assert out.is_dir() and list(out.iterdir()) == []
+    with pytest.raises(RuntimeError), staged_output(tmp_path / "a" / "b", overwrite=False, what="--output-dir",
+                                                    marker="report.json") as stage:
+        (stage / "report.json").write_text("{}")
+        raise RuntimeError("the run failed")
+    assert not (tmp_path / "a" / "b").exists()
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -284,7 +287,7 @@ def test_world_config_refuses_bools_non_finite_rates_and_empty_prompts():
                        ({"malformed": float("nan")}, r"malformed must lie in \[0, 1\)"),
                        ({"prompt": " "}, "prompt must be a non-empty string"),
                        ({"seed": 2**32}, "seed must be an int"),
-                       ({"steering": "color=1"}, "steering a tuple of strings")):
+                       ({"steering": "color=1"}, "steering must be a tuple of strings")):
         with pytest.raises(ConfigError, match=match):
             CaptionerWorldConfig(**bad)
 

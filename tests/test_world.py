@@ -72,7 +72,7 @@ def test_config_checks_every_argument_before_training():
     with pytest.raises(ConfigError, match="grpo_steps"):
         CaptionerWorldConfig(grpo_steps=-1)
     cfg = CaptionerWorldConfig(weights="color=1", steering=("position=1", "color=1.0"))
-    assert cfg.runs() == ["color=1", "position=1"]  # the default run's weighting is trained once
+    assert cfg.runs() == [("color=1", "sum"), ("position=1", "sum")]  # the default run's weighting is trained once
     assert steering_target("color=1,overall=0.5") == "color"
     assert steering_target("overall=1") is None
     assert steering_target("color=1,shape=1") is None  # a tie steers towards nothing in particular

@@ -13,12 +13,19 @@ Offline (the default): the captioner world (:mod:`multitap_rl.world`) --
    as one reward per dimension under TRL's ``normalize_then_sum`` (``tradeoff.png``).
 
 Writes ``--output-dir``: ``report.json``, ``reward_curve.png``, ``heldout_accuracy.png``,
-``samples.png``. With ``--checkpoint`` (a real MULTI-TAP model): score and rerank candidate
-captions with ``--weights`` and run a few GRPO steps of ``--policy`` against that reward.
+``samples.png``, and the judge -- ``judge/model`` (its MULTI-TAP checkpoint, naming ``judge/base``
+as its base model) and ``judge/heads`` -- for ``multitap-rl score`` / ``rerank`` afterwards (the
+commands are printed at the end). With ``--checkpoint`` (a real MULTI-TAP model): score and rerank
+candidate captions with ``--weights`` and run a few GRPO steps of ``--policy`` against that reward.
 
-Every argument is checked before any work -- the weightings, the step counts, the seed, options
-that need ``--checkpoint``, and that ``--output-dir`` can be created and written (a probe file is
-written there and removed) -- so a bad one fails in a second, not after minutes of training.
+Every argument is checked before any work -- the packages it needs (one message naming every
+missing one and its extra), the weightings, the step counts, the seed, options that need
+``--checkpoint``, and ``--output-dir``: an existing non-empty one is refused unless
+``--overwrite``. The output is written all or nothing: the run writes into a staging folder and
+``--output-dir`` becomes exactly its result when the judge and the report are done (an earlier
+run's files are all replaced; an interrupted or failed run leaves the folder as it was); the plots
+come last, after ``report.json``, so a plotting failure cannot lose the results. An interrupted
+demo cannot resume: run it again.
 """
 
 from __future__ import annotations
@@ -27,19 +34,22 @@ import json
 import logging
 import os
 import random
+import shlex
 import tempfile
 import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from ._common import emit
+from ._common import emit, staged_output
 
 ATTRIBUTES = ("color", "shape", "position")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--output-dir", default="multitap-demo", help="where the report and plots go (default: "
-                   "./multitap-demo; kept after the run)")
+    p.add_argument("--output-dir", default="multitap-demo", help="where the report, plots and judge go (default: "
+                   "./multitap-demo; kept after the run; an existing non-empty one needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output-dir of an earlier demo (all its files, when this run is done)")
     p.add_argument("--seed", type=int, default=0, help="seeds every phase")
     p.add_argument("--steering", action="store_true",
                    help="also one warm start + GRPO per weighting in --steer-weights")
@@ -110,25 +120,68 @@ def _check_offline_arguments(args) -> None:
                           "captioner on the CPU")
 
 
-def _writable_output_dir(value: str) -> Path:
-    """``--output-dir`` resolved, created and proven writable (a probe file written and removed)
-    before any work; a ``ConfigError`` saying why not otherwise (a file there or above it, no
-    permission, a read-only file system)."""
-    out = Path(value).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output-dir {out} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".multitap-demo-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ConfigError(f"--output-dir {out}: cannot create it or write there ({exc.strerror or exc}); pass a "
-                          "writable directory") from None
-    return out
+def requirements(args) -> list[tuple[str, str]]:
+    """The optional packages this run imports (checked by the CLI before any work): TRL's GRPO with
+    accelerate and datasets, and matplotlib for the offline world's plots."""
+    from ..world.captioner import REQUIREMENTS
+
+    if args.checkpoint is not None:  # the real-model path: GRPO steps only
+        return list(REQUIREMENTS) if args.grpo_steps is None or args.grpo_steps > 0 else []
+    return [*REQUIREMENTS, ("matplotlib", "plots")]
+
+
+_STATE: dict = {}  # what this process's demo has written so far, for interrupted()
+
+
+def interrupted(args) -> str:
+    """What Ctrl-C says: the demo cannot resume, and what it left in ``--output-dir``."""
+    out = _STATE.get("out")
+    if args.checkpoint is not None or out is None:
+        return "the demo cannot resume and wrote nothing; run it again"
+    if _STATE.get("committed"):
+        return (f"the demo cannot resume; {out} holds its report.json and judge, but not every plot: run it again "
+                "with --overwrite for the plots")
+    return f"the demo cannot resume; {out} is as it was before this run (nothing of it was kept); run it again"
+
+
+def _keep_example(report: dict, sheet, judge_dir: Path, final: Path) -> dict:
+    """One held-out image and candidate captions beside the kept judge (``example.png``,
+    ``candidates.txt``: the true caption, then one with each attribute wrong), so the commands
+    printed at the end run as they are. Returns their final paths and the true caption."""
+    from ..world.shapes_world import ATTRIBUTES, caption_of
+
+    if not sheet:
+        return {}
+    sample = report["captioner"]["samples"][0]
+    scene, pool = sample["scene"], report["config"]
+    values = {"color": pool["colors"], "shape": pool["shapes"], "position": pool["positions"]}
+    wrong = [caption_of(**{**scene, a: next(v for v in values[a] if v != scene[a])}) for a in ATTRIBUTES]
+    sheet[0].save(judge_dir / "example.png")
+    (judge_dir / "candidates.txt").write_text("\n".join([sample["truth"], *wrong]) + "\n")
+    return {"image": str(final / "example.png"), "candidates": str(final / "candidates.txt"), "text": sample["truth"]}
+
+
+def _next_steps(report: dict) -> list[str]:
+    """Two commands to try the kept judge with (printed after the table), on the kept example."""
+    saved = report["judge"].get("saved")
+    if not saved or "image" not in saved:
+        return []
+    q = shlex.quote
+    judge = f"--checkpoint {q(saved['model'])} --heads {q(saved['heads'])}"
+    return ["next: score and rerank with the demo's judge (offline), e.g.",
+            f"  multitap-rl score {judge} --image {q(saved['image'])} --text {q(saved['text'])}",
+            f"  multitap-rl rerank {judge} --image {q(saved['image'])} --candidates {q(saved['candidates'])} "
+            f"--weights {q(report['captioner']['weights'])}"]
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def run(args) -> int:
+    _STATE.clear()
     _quiet()
     if args.checkpoint is not None:
         return _run_checkpoint(args)
@@ -150,18 +203,32 @@ def run(args) -> int:
         raise ConfigError("--steering needs at least one weighting in --steer-weights")
     if args.multi_objective and not cfg.multi_objective:
         raise ConfigError("--multi-objective needs at least one weighting in --multi-weights")
-    out = _writable_output_dir(args.output_dir)
-    emit(f"multitap-rl demo: the captioner world, seed {cfg.seed}; report and plots go to {out}")
+    out = Path(args.output_dir).expanduser().resolve()
     t = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="multitap-demo-") as tmp:
-        report, sheet = run_captioner_world(cfg, tmp, progress=args.progress, log=emit)
-    report["plots"] = write_plots(report, sheet, out)
-    report["targets"] = check_targets(report)
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    # Written all or nothing: the judge and report.json go to a staging folder that becomes `out`
+    # when both are done; the plots (optional, matplotlib) come after the results are safe.
+    with staged_output(out, overwrite=args.overwrite, what="--output-dir", marker="report.json",
+                       option="--output-dir") as stage:
+        _STATE["out"] = out
+        emit(f"multitap-rl demo: the captioner world, seed {cfg.seed}; report, plots and judge go to {out}")
+        with tempfile.TemporaryDirectory(prefix="multitap-demo-") as tmp:
+            report, sheet = run_captioner_world(cfg, tmp, progress=args.progress, log=emit,
+                                                keep_judge=stage / "judge", keep_judge_as=out / "judge")
+        report["judge"]["saved"].update(_keep_example(report, sheet, stage / "judge", out / "judge"))
+        report["targets"] = check_targets(report)
+        report["plots"] = []
+        _write_json(stage / "report.json", report)
+    _STATE["committed"] = True  # the results are in `out`; the table, then the plots
     emit("")
     for line in final_table(report):
         emit(line)
     emit(f"\ntargets met: {report['targets']}  ({time.perf_counter() - t:.0f}s)")
+    emit(f"judge: {out / 'judge'} (model: its MULTI-TAP checkpoint, base: its base model's files, heads: colour, "
+         "shape, position)")
+    for line in _next_steps(report):
+        emit(line)
+    report["plots"] = write_plots(report, sheet, out)
+    _write_json(out / "report.json", report)
     emit(f"report: {out / 'report.json'}; plots: {', '.join(str(out / p) for p in report['plots'])}")
     return 0
 

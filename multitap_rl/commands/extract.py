@@ -8,6 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConfigError
+from ._common import extract_requirements as requirements  # noqa: F401  (cli.main checks them first)
+
+RESUMES = True  # an interrupted extraction continues from its last chunk when run again
 from ._common import add_model_arguments, emit, load_model
 
 
@@ -48,9 +51,10 @@ def _schema(args):
 def run(args) -> int:
     from ..data.rows import open_rows
     from ..distributed import launcher_group
-    from ..training.features import extract_features, load_features
+    from ..training.features import check_target_columns, extract_features, load_features
 
-    # 1. Cheap checks before the model loads: arguments, data readable, schema valid, first row expands.
+    # 1. Cheap checks before the model loads: arguments, data readable, schema valid, every target
+    #    column present in the data (a misspelt one would be stored as all-NaN), first row expands.
     for name in ("chunk_size", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -58,6 +62,7 @@ def run(args) -> int:
         raise ConfigError("--limit must be >= 1")
     schema = _schema(args)
     src = open_rows(args.data, split=args.split, limit=args.limit)
+    check_target_columns(schema, src, given_by=None if args.schema is not None else "--target-columns")
     schema.expand(src.rows(0, 1)[0], 0, where=src.where(0))
     # 2. Model, then the (resumable) extraction. Under `accelerate launch` / `torchrun` every rank
     #    loads the model on its own device and extracts its share of the chunks into the same store.

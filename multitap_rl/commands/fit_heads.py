@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ._common import check_output_dir, emit
 
 
@@ -36,11 +36,57 @@ def _csv(value: str | None) -> list[str] | None:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _stored_columns(fs, name: str) -> list[str]:
+    """The data column(s) dimension ``name`` of a feature store was read from (its schema's; the
+    dimension's name when the manifest does not say)."""
+    from ..schemas import load_schema
+
+    try:
+        schema = load_schema(fs.manifest["schema"])
+        dim = next(d for d in schema.dimensions if d.name == name)
+    except (KeyError, StopIteration, ValueError, TypeError):
+        return [name]
+    return list(dict.fromkeys(dim.source(v.tag) for v in schema.samples))
+
+
+def _check_rated(args, fs, targets: dict) -> None:
+    """Before fitting, in the command line's terms: a dimension with no rated sample (all NaN: its
+    column was missing or empty) cannot be fit under any --nan-policy; one with some NaN needs
+    ``--nan-policy drop``. Dimensions the targets lack are left to ``fit_heads`` to name."""
+    import numpy as np
+
+    from ..training.stage2 import split_rows
+
+    train = split_rows(fs, args.val_fraction, args.seed)[0] if args.val_fraction > 0 else np.arange(len(fs))
+    names = [n for n in (_csv(args.dims) or list(targets)) if n in targets and n != "overall"]
+    where = args.targets if args.targets is not None else f"{args.features} (targets stored by extract)"
+    for name in names:
+        y = np.asarray(targets[name], dtype=np.float64)[train]
+        nan = np.isnan(y)
+        if y.size and nan.all():
+            others = [n for n in names if n != name]
+            leave = f", or leave it out: --dims {','.join(others)}" if others else ""
+            if args.targets is None:
+                cols = _stored_columns(fs, name)
+                col = f"column {cols[0]!r} was" if len(cols) == 1 else f"columns {', '.join(map(repr, cols))} were"
+                raise DataError(f"{where}: dimension {name!r} has no rated sample (all {y.size} targets are NaN: "
+                                f"{col} missing or empty in every row); no --nan-policy can fit it: "
+                                f"extract again with the right column{leave}")
+            raise DataError(f"{where}: dimension {name!r} has no rated sample (all {y.size} values are empty or "
+                            f"null); no --nan-policy can fit it: fill that column{leave}")
+        if nan.any() and args.nan_policy == "error":
+            rows = sorted({int(r) for r in fs.rows[train[nan]]})
+            shown = ", ".join(map(str, rows[:5])) + (" ..." if len(rows) > 5 else "")
+            raise DataError(f"{where}: dimension {name!r} is unrated (NaN) for {int(nan.sum())} of {y.size} samples "
+                            f"(data rows {shown}); pass --nan-policy drop to fit it on its {int((~nan).sum())} "
+                            "rated samples")
+
+
 def run(args) -> int:
     from ..heads import CONFIG_FILE, convert_legacy_heads
     from ..metrics import format_report
     from ..training.features import load_features
-    from ..training.stage2 import fit_heads
+    from ..training.stage2 import fit_heads, read_targets
 
     # 1. The output first: an existing heads folder is replaced only with --overwrite (as `extract`).
     check_output_dir(args.out, overwrite=args.overwrite, what="heads directory", marker=CONFIG_FILE)
@@ -65,7 +111,14 @@ def run(args) -> int:
             alphas = [float(a) for a in _csv(args.alphas)]
         except ValueError:
             raise ConfigError(f"--alphas {args.alphas!r}: expected comma-separated numbers") from None
-    heads, report = fit_heads(args.features, args.targets, dims=_csv(args.dims), alphas=alphas,
+    fs = load_features(args.features)
+    if args.targets is None:
+        targets = fs.targets_dict() if fs.names else None  # None: fit_heads says the store holds none
+    else:
+        targets = read_targets(args.targets, len(fs), ids=fs.ids, dims=_csv(args.dims))
+    if targets is not None:
+        _check_rated(args, fs, targets)
+    heads, report = fit_heads(fs, targets, dims=_csv(args.dims), alphas=alphas,
                               standardize=not args.no_standardize, nan_policy=args.nan_policy,
                               val_fraction=args.val_fraction, seed=args.seed, tol=args.tolerance)
     heads.save(args.out)

@@ -17,6 +17,9 @@ import logging
 import os
 
 from ._common import emit
+from ._common import stage1_requirements as requirements  # noqa: F401  (cli.main checks them first)
+
+RESUMES = True  # an interrupted run continues from its last checkpoint when run again
 
 
 def add_arguments(p) -> None:

@@ -155,6 +155,13 @@ class RowSource:
         cols = self.data[start:stop]  # datasets.Dataset: a column dict for a slice
         return [dict(zip(cols, vals)) for vals in zip(*cols.values())] if cols else []
 
+    def columns(self) -> list:
+        """The column names these rows have: a ``datasets.Dataset``'s columns, or every key that
+        any row (up to the limit) has, in first-seen order (a JSONL row may leave a column out)."""
+        if isinstance(self.data, list):
+            return list(dict.fromkeys(k for row in self.data[: self.n] for k in row))
+        return list(self.data.column_names)
+
     def where(self, row: int) -> str:
         """How errors name data row ``row`` (0-based): ``"<file>: line 7"`` or ``"row 6"``."""
         if self.lines is not None and 0 <= row < len(self.lines):

@@ -31,11 +31,17 @@ def save_sharded_fixed(state: dict[str, torch.Tensor], out_dir: Path, n_shards: 
     write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def write_tiny_reward_checkpoint(base: Path, reward: Path, seed: int, hidden: int) -> Path:
+def write_tiny_reward_checkpoint(base: Path, reward: Path, seed: int, hidden: int, *,
+                                 name_base_model: bool = False) -> Path:
     """A released-layout MULTI-TAP checkpoint at ``reward`` from the base model at ``base``: every
     base weight perturbed by seeded noise under ``backbone_model.*`` (a fine-tuned model differs
     from its base, so a loader that silently kept base weights fails the fidelity tests), a
-    seeded ``reward_head``, two shards with an index, and the ``VLMRewardModel`` config."""
+    seeded ``reward_head``, two shards with an index, and the ``VLMRewardModel`` config.
+
+    ``name_base_model``: also write ``multitap_config.json`` naming ``base`` (resolved absolute),
+    so the checkpoint loads without ``base_model=`` / ``--base-model`` (it names nothing else: the
+    settings stay the released checkpoints' defaults, the scores are the same). Off, the folder
+    holds exactly the released layout's files (the stored reference scores fingerprint them)."""
     from safetensors.torch import load_file
 
     reward.mkdir(parents=True, exist_ok=True)
@@ -54,4 +60,9 @@ def write_tiny_reward_checkpoint(base: Path, reward: Path, seed: int, hidden: in
     save_sharded_fixed(ckpt, reward, n_shards=2)
     write_json(reward / "config.json", {"architectures": ["VLMRewardModel"], "torch_dtype": "float32",
                                          "transformers_version": "4.46.1"})
+    if name_base_model:
+        from ..checkpoint import MULTITAP_CONFIG
+
+        write_json(reward / MULTITAP_CONFIG, {"format": "multitap-rl", "format_version": 1, "layout": "released",
+                                              "base_model": str(Path(base).resolve()), "hidden_size": hidden})
     return reward

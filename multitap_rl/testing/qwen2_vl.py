@@ -264,10 +264,11 @@ def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, size: str = "tiny",
 
 
 def build_tiny_multitap(out_dir: str | Path, seed: int = 0, size: str = "tiny",
-                        initializer_range: float = 0.02) -> tuple[Path, Path]:
+                        initializer_range: float = 0.02, *, name_base_model: bool = False) -> tuple[Path, Path]:
     """Write ``out_dir/base`` (Qwen2-VL base model) and ``out_dir/reward`` (released-layout
-    checkpoint, see :func:`write_tiny_reward_checkpoint`)."""
+    checkpoint, see :func:`write_tiny_reward_checkpoint`; ``name_base_model=True`` also names
+    ``out_dir/base`` in its ``multitap_config.json``, as ``multitap-rl tiny`` writes it)."""
     out = Path(out_dir)
     base = build_tiny_qwen2_vl(out / "base", seed=seed, size=size, initializer_range=initializer_range)
     hidden = json.loads((base / "config.json").read_text())["hidden_size"]
-    return base, write_tiny_reward_checkpoint(base, out / "reward", seed, hidden)
+    return base, write_tiny_reward_checkpoint(base, out / "reward", seed, hidden, name_base_model=name_base_model)

@@ -32,6 +32,7 @@ row), ``sample`` (S,) int64 (view within the row), ``targets`` (S, D) float64 (N
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -51,6 +52,7 @@ from ..schemas import ObjectiveSchema, load_schema
 __all__ = [
     "FEATURES_FORMAT",
     "FeatureSet",
+    "check_target_columns",
     "data_fingerprint",
     "extract_features",
     "load_features",
@@ -103,6 +105,30 @@ def data_fingerprint(data, src: RowSource, *, split: str, limit: int | None) -> 
     else:
         fp["digest"] = digest_rows(src.rows(0, len(src)))
     return fp
+
+
+# ---------------------------------------------------------------------------------------------
+# the target columns exist (checked before any work)
+# ---------------------------------------------------------------------------------------------
+def check_target_columns(schema: ObjectiveSchema, src: RowSource, *, given_by: str | None = None) -> None:
+    """A ``DataError`` if a dimension of ``schema`` reads a column that no row of ``src`` has: a
+    misspelt column would otherwise be stored as an all-NaN target without a word. The message
+    names the column (and ``given_by``, the option that named it, e.g. ``"--target-columns"``),
+    suggests the nearest column name and lists the data's columns. A column that some rows leave
+    out or null is fine (those samples are unrated, NaN)."""
+    have = src.columns()
+    for d in schema.dimensions:
+        for view in schema.samples:
+            col = d.source(view.tag)
+            if col in have:
+                continue
+            names = [str(c) for c in have]
+            near = difflib.get_close_matches(col, names, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+            via = f"given by {given_by}" if given_by else f"dimension {d.name!r} of schema {schema.name!r}"
+            raise DataError(f"{src.name}: no column {col!r} ({via}); {hint}the data's columns are: "
+                            f"{shown or 'none'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +303,11 @@ def extract_features(
         schema = ObjectiveSchema.simple(question="question" if first.get("question") is not None else None)
     schema = load_schema(schema)
     out = Path(os.fspath(out))
+    # Target columns the data lacks are refused before anything is written; when resuming, after
+    # the store's own check, which names every difference from the run that wrote it.
+    resuming = not overwrite and (out / MANIFEST).is_file()
+    if not resuming:
+        check_target_columns(schema, src)
     manifest = {
         "format": FEATURES_FORMAT,
         "version": FEATURES_VERSION,
@@ -295,6 +326,8 @@ def extract_features(
         barrier()
     if rank != 0:
         _check_store(out, manifest)
+    if resuming:
+        check_target_columns(schema, src)
 
     # 2. This rank's chunks not yet on disk.
     n_chunks = math.ceil(len(src) / chunk_size)

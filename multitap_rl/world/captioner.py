@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require_all
 from .shapes_world import (
     ATTRIBUTES,
     accuracy,
@@ -34,6 +34,10 @@ from .shapes_world import (
 )
 
 EOS = "<|im_end|>"
+
+# The optional packages the world trains with (stage 1 under accelerate; TRL's GRPO on datasets),
+# each with the extra of multitap-rl that brings it; checked before any work.
+REQUIREMENTS = (("trl", "trl"), ("accelerate", "trl"), ("datasets", "trl"))
 
 
 @dataclass
@@ -302,13 +306,19 @@ def run_grpo(policy, processor, judge, weights: str, train_images, cfg: Captione
 # the whole world
 # ---------------------------------------------------------------------------------------------
 def run_captioner_world(cfg: CaptionerWorldConfig, work_dir: str | Path, *, progress: bool = False,
-                        log=print) -> tuple[dict, list]:
+                        log=print, keep_judge: str | Path | None = None,
+                        keep_judge_as: str | Path | None = None) -> tuple[dict, list]:
     """Judge, then one warm start + GRPO per weighting in ``cfg.runs()``. Returns the report (see
     ``multitap-rl demo``; each run also holds ``samples``: held-out captions before/after) and the
-    held-out images of those samples. ``work_dir`` holds the models (a temporary folder is fine)."""
+    held-out images of those samples. ``work_dir`` holds the models (a temporary folder is fine).
+    ``keep_judge``: a folder the judge is saved in as soon as it is trained (``base/``, ``model/``,
+    ``heads/``: :func:`.judge.save_judge`; ``keep_judge_as``: where that folder will be when
+    used); the report's ``judge`` then holds those paths under ``saved``."""
     import torch
 
-    from .judge import judge_quality, load_judge, train_judge
+    from .judge import judge_quality, load_judge, save_judge, train_judge
+
+    require_all(REQUIREMENTS, "the captioner world")
 
     work = Path(work_dir)
     seconds = {"judge": 0.0, "warm": 0.0, "grpo": 0.0, "eval": 0.0}
@@ -331,6 +341,8 @@ def run_captioner_world(cfg: CaptionerWorldConfig, work_dir: str | Path, *, prog
     log(f"      validation MSE {metrics['mse']:.4f} vs {metrics['baseline_mse']:.4f} (constant predictor); "
         "heads' held-out pairwise accuracy: "
         + ", ".join(f"{a} {h['pairwise_accuracy']:.2f}" for a, h in heads.items()) + f"  ({seconds['judge']:.0f}s)")
+    if keep_judge is not None:
+        report["judge"]["saved"] = save_judge(judge, base, keep_judge, named_at=keep_judge_as)
 
     rng = random.Random(10_000 + cfg.seed)
     eval_scenes = balanced_scenes(cfg.pool, cfg.eval_repeats)
@@ -362,7 +374,8 @@ def run_captioner_world(cfg: CaptionerWorldConfig, work_dir: str | Path, *, prog
                    heldout={a: {"before": before[a], "after": after[a]} for a in (*ATTRIBUTES, "format")},
                    curve=[{"step": 0, **before}, *grpo["curve"], {"step": grpo["steps"], **after}],
                    samples=[{"truth": caption_of(eval_scenes[i].color, eval_scenes[i].shape, eval_scenes[i].position),
-                             "before": b, "after": a} for i, b, a in zip(sheet, before_caps, after_caps)])
+                             "scene": {a: getattr(eval_scenes[i], a) for a in ATTRIBUTES}, "before": b, "after": a}
+                            for i, b, a in zip(sheet, before_caps, after_caps)])
         log(f"[4/4] held-out accuracy ({name}): "
             + ", ".join(f"{a} {before[a]:.2f} -> {after[a]:.2f}" for a in ATTRIBUTES))
         runs.append(run)

@@ -9,6 +9,9 @@
 3. quality on fresh images: validation MSE vs the constant predictor; per head, held-out
    pairwise accuracy (the true caption scores above the caption with that attribute wrong) and
    top-1 accuracy (the true value scores highest among all values).
+
+:func:`save_judge` keeps it as files any command reads (``multitap-rl score --checkpoint
+DIR/model --heads DIR/heads``): the checkpoint names its base model, whose files are kept beside it.
 """
 
 from __future__ import annotations
@@ -155,3 +158,32 @@ def judge_quality(judge, cfg, pool, n: int = 200) -> dict:
         top1 = float((scores.argmax(1) == truth).float().mean())
         out[a] = {"pairwise_accuracy": round(pairwise, 4), "top1_accuracy": round(top1, 4)}
     return out
+
+
+def save_judge(judge, base: Path, out: str | Path, *, named_at: str | Path | None = None) -> dict:
+    """Keep the judge in ``out``: ``base/`` (the files of the base model that loading reads: config,
+    tokenizer, processor, chat template -- its weights are in the checkpoint), ``model/`` (the
+    stage-1 checkpoint, :meth:`~multitap_rl.MultiTapModel.save_pretrained`, naming ``base/`` as its
+    base model) and ``heads/`` (the stage-2 heads). ``named_at``: where ``out`` will be when used
+    (default ``out``; a caller that writes into a staging folder and moves it passes the final
+    place), so the checkpoint's ``base_model`` and the heads' names are final absolute paths.
+    Returns those three paths (as they will be)."""
+    import fnmatch
+    import shutil
+
+    from ..checkpoint import BASE_MODEL_FILES
+    from ..heads import RidgeHeads
+
+    out = Path(out)
+    final = Path(named_at if named_at is not None else out).expanduser().resolve()
+    paths = {"model": str(final / "model"), "heads": str(final / "heads"), "base": str(final / "base")}
+    (out / "base").mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(base).iterdir()):
+        if f.is_file() and any(fnmatch.fnmatch(f.name, pat) for pat in BASE_MODEL_FILES) \
+                and not f.name.endswith(".safetensors.index.json"):  # its shards are not kept
+            shutil.copy2(f, out / "base" / f.name)
+    judge.save_pretrained(out / "model", extra_metadata={"base_model": paths["base"]})
+    h = judge.heads
+    fingerprint = {**h.fingerprint, "checkpoint_name": paths["model"], "base_model": paths["base"]}
+    RidgeHeads(h.names, h.coef, h.intercept, fingerprint=fingerprint, stats=h.stats, meta=h.meta).save(out / "heads")
+    return paths

@@ -55,31 +55,77 @@ def _tradeoff(plt, report: dict, out: Path) -> str:
     return "tradeoff.png"
 
 
-def write_plots(report: dict, sheet_images, out_dir: str | Path) -> list[str]:
-    """``reward_curve.png``, ``heldout_accuracy.png`` and ``samples.png`` in ``out_dir``; their names."""
-    plt = _pyplot()
-    out = Path(out_dir)
-    runs = _runs(report)
+def _chance(report: dict) -> dict[str, float]:
+    """Chance per attribute on the held-out set: 1 / the number of values of this run's world (its
+    config), else the default world's :data:`_CHANCE`."""
+    cfg = report.get("config") or {}
+    pools = {"color": cfg.get("colors"), "shape": cfg.get("shapes"), "position": cfg.get("positions")}
+    return {a: 1 / len(pools[a]) if pools[a] else _CHANCE[a] for a in ATTRIBUTES}
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for r in runs:
-        ax.plot(range(1, len(r["rewards"]) + 1), r["rewards"], label=_name(r), lw=1)
-    ax.set(xlabel="GRPO step", ylabel="mean reward", title="weighted MULTI-TAP reward during GRPO")
-    ax.legend()
+
+def _panels(plt, n: int, width: float, height: float, bottom: float = 0.0):
+    """A figure with ``n`` small panels, at most three a row; the unused ones hidden."""
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + bottom), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n])
+
+
+def _reward_curves(plt, runs: list[dict], out: Path) -> str:
+    """``reward_curve.png``: one panel per run -- each weighting's reward is on its own scale (a
+    weighted sum of other dimensions), so the runs are not drawn on one axis."""
+    fig, axes = _panels(plt, len(runs), 4.0, 3.0)
+    for ax, r in zip(axes, runs):
+        ax.plot(range(1, len(r["rewards"]) + 1), r["rewards"], lw=1, color="C0")
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel("mean reward")
+        ax.set_title(_name(r), fontsize=9)
+    fig.suptitle("MULTI-TAP reward during GRPO (one panel per weighting: scales differ)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "reward_curve.png", dpi=100)
     plt.close(fig)
+    return "reward_curve.png"
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.5), squeeze=False)
-    for ax, r in zip(axes[0], runs):
+
+def _heldout_curves(plt, report: dict, runs: list[dict], out: Path) -> str:
+    """``heldout_accuracy.png``: per run, held-out accuracy of each attribute with its chance level
+    (dotted, same colour) and the fraction of well-formed captions; one legend below the panels."""
+    from matplotlib.lines import Line2D
+
+    chance = _chance(report)
+    colours = {a: f"C{i}" for i, a in enumerate(ATTRIBUTES)}
+    fig, axes = _panels(plt, len(runs), 4.5, 3.2, bottom=0.5)
+    for ax, r in zip(axes, runs):
         steps = [c["step"] for c in r["curve"]]
         for a in ATTRIBUTES:
-            ax.plot(steps, [c[a] for c in r["curve"]], marker="o", label=a)
-        ax.set(xlabel="GRPO step", ylabel="held-out accuracy", ylim=(0, 1.05), title=_name(r))
-        ax.legend()
-    fig.tight_layout()
+            ax.plot(steps, [c[a] for c in r["curve"]], marker="o", ms=3, color=colours[a], label=a)
+            ax.axhline(chance[a], color=colours[a], ls=":", lw=1)
+        if all("format" in c for c in r["curve"]):
+            ax.plot(steps, [c["format"] for c in r["curve"]], color="black", ls="--", lw=1, label="format")
+        ax.set(xlabel="GRPO step", ylabel="held-out accuracy", ylim=(0, 1.05))
+        ax.set_title(_name(r), fontsize=9)
+    handles = [Line2D([], [], color=colours[a], marker="o", ms=3, label=a) for a in ATTRIBUTES]
+    handles.append(Line2D([], [], color="black", ls="--", lw=1, label="format (well-formed captions)"))
+    handles.append(Line2D([], [], color="grey", ls=":", lw=1, label="chance ("
+                          + ", ".join(f"{a} 1/{round(1 / chance[a])}" for a in ATTRIBUTES) + ")"))
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    height = fig.get_size_inches()[1]
+    fig.tight_layout(rect=(0, 0.6 / height, 1, 1))  # room for the legend's rows below the panels
     fig.savefig(out / "heldout_accuracy.png", dpi=100)
     plt.close(fig)
+    return "heldout_accuracy.png"
+
+
+def write_plots(report: dict, sheet_images, out_dir: str | Path) -> list[str]:
+    """``reward_curve.png``, ``heldout_accuracy.png`` and ``samples.png`` in ``out_dir`` (and
+    ``tradeoff.png`` for a multi-objective report); their names."""
+    plt = _pyplot()
+    out = Path(out_dir)
+    runs = _runs(report)
+    _reward_curves(plt, runs, out)
+    _heldout_curves(plt, report, runs, out)
 
     cap = report["captioner"]
     n = len(sheet_images)
