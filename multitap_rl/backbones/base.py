@@ -49,8 +49,9 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["CAPTION_INSTRUCTION", "Backbone", "FeatureSettings", "PreparedImage", "Segment", "Tokenized", "cache_argument",
-           "load_image_processor", "output_cache", "PromptError", "check_prefix", "pin_float32_buffers", "place_image_features", "reference_messages"]
+__all__ = ["CAPTION_INSTRUCTION", "Backbone", "FeatureSettings", "PreparedImage", "PromptError", "Segment", "Tokenized",
+           "cache_argument", "check_prefix", "load_image_processor", "output_cache", "parameters_in",
+           "pin_float32_buffers", "place_image_features", "reference_messages"]
 
 CAPTION_INSTRUCTION = "Describe this image."
 
@@ -199,6 +200,17 @@ def check_prefix(n_ids: int, prefix_len: int, max_length: int | None, question: 
         raise PromptError(f"prompt of {n_ids} tokens: the part up to the end of the image ({prefix_len} tokens: "
                           f"template, {where}) alone reaches max_length={max_length}",
                           "question" if question is not None else "image")
+
+
+def parameters_in(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Every floating parameter of ``module`` in ``dtype``, buffers left as built (float32 rotary
+    tables stay float32). Some transformers releases keep the modules a model lists in float32
+    when it is built in bfloat16 (transformers 5.2 does so for Llama-3.2-Vision's vision tower),
+    which mixes dtypes inside one forward; the reference computes the whole model in its dtype."""
+    for p in module.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return module
 
 
 def pin_float32_buffers(module: nn.Module) -> None:

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from .base import (Backbone, PreparedImage, Segment, Tokenized, cache_argument, check_prefix, output_cache,
-                   reference_messages)
+                   parameters_in, reference_messages)
 
 __all__ = ["MllamaBackbone", "MllamaImageFeatures"]
 
@@ -134,7 +134,7 @@ class MllamaBackbone(Backbone):
         """An uninitialised ``MllamaModel`` (no lm_head); weights are loaded right after."""
         from transformers import MllamaModel
 
-        return MllamaModel._from_config(config, dtype=dtype)
+        return parameters_in(MllamaModel._from_config(config, dtype=dtype), dtype)
 
     @classmethod
     def remap_state_dict(cls, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:

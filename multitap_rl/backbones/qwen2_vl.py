@@ -31,6 +31,7 @@ from .base import (
     cache_argument,
     check_prefix,
     load_image_processor,
+    parameters_in,
     output_cache,
     place_image_features,
     reference_messages,
@@ -77,7 +78,7 @@ class Qwen2VLBackbone(Backbone):
         """An uninitialised ``Qwen2VLModel`` (no lm_head); weights are loaded right after."""
         from transformers import Qwen2VLModel
 
-        return Qwen2VLModel._from_config(config, dtype=dtype)
+        return parameters_in(Qwen2VLModel._from_config(config, dtype=dtype), dtype)
 
     @classmethod
     def remap_state_dict(cls, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
