@@ -118,11 +118,9 @@ def _check_run(reports, base, reward, heads, *, zero3_policy=False, sharded=Fals
             for fn in objectives:  # the same inputs, the same batch: exactly the same numbers
                 assert fn(prompts, completions, image=images) == step[fn.__name__]["rewards"], fn.__name__
             texts, rewards = step["multitap"]["texts"], step["multitap"]["rewards"]
-            keep = [i for i, t in enumerate(texts) if t.strip()]  # an empty completion gets None
-            assert all(rewards[i] is None for i in range(len(texts)) if i not in keep)
-            out = model.score([images[i] for i in keep], [texts[i] for i in keep])
+            out = model.score(images, texts)  # every completion is scored, empty ones included
             dims.append(out.scores)
-            recorded += [rewards[i] for i in keep]
+            recorded += rewards
         # one process, the whole global batch of this round (rank 0's samples, then rank 1's)
         combined = combiner({k: torch.cat([d[k] for d in dims]) for k in dims[0]})
         got = torch.tensor(recorded)

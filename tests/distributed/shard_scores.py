@@ -51,7 +51,9 @@ def main(argv=None):
         del plain
 
         core.forget_scorers()
-        fn = multitap_objective_rewards(ModelSpec(checkpoint=reward, base_model=base, shard="zero3", device="cpu"))[0]
+        # empty completions set aside (empty_reward=None): round 3 gives rank 1 nothing to score
+        fn = multitap_objective_rewards(ModelSpec(checkpoint=reward, base_model=base, shard="zero3", device="cpu"),
+                                        empty_reward=None)[0]
         prompts = lambda b: ["Describe this image."] * len(b[1])  # noqa: E731
         got = {"first": fn(prompts(batch), batch[1], image=batch[0]),
                "second": fn(prompts(second), second[1], image=second[0])}
