@@ -6,8 +6,12 @@
 * :func:`ddpo_reward` -- text-to-image RL with the DDPO contract ``(images, prompts, metadata) -> (rewards, info)``
 * :func:`differentiable_reward` -- rewards that backpropagate to the pixels (AlignProp / DRaFT)
 * :func:`build_captioner_trainer`, :func:`captioning_dataset` -- a GRPO/RLOO captioner trainer
+* :mod:`reward_fns.verl` -- verl's reward manager and custom reward functions (and verl-omni's);
+  :mod:`reward_fns.flow_grpo` -- flow_grpo's scorer factories; :mod:`reward_fns.remote` -- a
+  served reward (``multitap-rl serve``) behind the same core: a URL goes where a checkpoint goes
 
-All of them wrap one :class:`~reward_fns.core.RewardCore` (spec + shared scorer + combiner).
+All of them wrap one :class:`~reward_fns.core.RewardCore` (model spec + scorer + combiner; one
+core call, ``evaluate``).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ import logging
 import os
 import random
 import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -118,6 +119,12 @@ def _check_offline_arguments(args) -> None:
     if given:
         raise ConfigError(f"{', '.join(given)} need(s) --checkpoint: the offline world trains its own judge and "
                           "captioner on the CPU")
+
+
+def _say(*args) -> None:
+    """A phase message: on stderr with the progress bars (stdout carries the results: the table,
+    the judge, the next steps, the report's path)."""
+    print(*args, file=sys.stderr, flush=True)
 
 
 def requirements(args) -> list[tuple[str, str]]:
@@ -212,7 +219,7 @@ def run(args) -> int:
         _STATE["out"] = out
         emit(f"multitap-rl demo: the captioner world, seed {cfg.seed}; report, plots and judge go to {out}")
         with tempfile.TemporaryDirectory(prefix="multitap-demo-") as tmp:
-            report, sheet = run_captioner_world(cfg, tmp, progress=args.progress, log=emit,
+            report, sheet = run_captioner_world(cfg, tmp, progress=args.progress, log=_say,
                                                 keep_judge=stage / "judge", keep_judge_as=out / "judge")
         report["judge"]["saved"].update(_keep_example(report, sheet, stage / "judge", out / "judge"))
         report["targets"] = check_targets(report)
