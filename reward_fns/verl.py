@@ -50,7 +50,7 @@ import logging
 import threading
 from typing import Any
 
-from multitap_rl.errors import ConfigError, SampleError, require
+from multitap_rl.errors import ConfigError, MissingDependencyError, SampleError, require
 
 from .core import RewardCore, core_from_kwargs
 
@@ -198,10 +198,14 @@ def _extra_info_image(extra_info: dict):
 # -- the reward manager ------------------------------------------------------------------------------
 try:  # verl is optional: without it the manager says which extra brings it
     from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase as _ManagerBase
-except ImportError:  # pragma: no cover - depends on the environment
+except ImportError as _exc:  # pragma: no cover - depends on the environment
+    _VERL_IMPORT_ERROR = str(_exc)
+
     class _ManagerBase:
         def __init__(self, *args, **kwargs):
-            require("verl", "verl", "MultiTapRewardManager")
+            require("verl", "verl", "MultiTapRewardManager")  # verl itself missing: name the extra
+            raise MissingDependencyError(f"verl is installed but its reward-loop manager cannot be imported "
+                                         f"({_VERL_IMPORT_ERROR}); install verl's own requirements")
 
 
 class MultiTapRewardManager(_ManagerBase):
