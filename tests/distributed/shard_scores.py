@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -75,7 +76,13 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank-{rank}.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
+    # Every rank has written its report once all pass this barrier; then leave without the
+    # interpreter's native teardown, which on CPU (gloo, DeepSpeed) now and then aborts a rank after
+    # all the work ("terminate called without an active exception"), as tests/distributed/trl_run.py.
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
