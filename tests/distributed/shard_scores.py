@@ -76,15 +76,15 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank-{rank}.json").write_text(json.dumps(report))
-    # Every rank has written its report once all pass this barrier; then leave without the
-    # interpreter's native teardown, which on CPU (gloo, DeepSpeed) now and then aborts a rank after
-    # all the work ("terminate called without an active exception"), as tests/distributed/trl_run.py.
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    dist.barrier()  # every rank has written its report
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()
+    # Launched as a rank (not imported by a test): leave without the interpreter's native teardown,
+    # which on CPU (gloo, DeepSpeed) now and then aborts a rank after all the work ("terminate called
+    # without an active exception"), as tests/distributed/trl_run.py does.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
