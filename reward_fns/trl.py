@@ -26,8 +26,6 @@ import logging
 import math
 from collections.abc import Sequence
 
-import torch
-
 from multitap_rl.errors import ConfigError, DataError, SampleError
 
 from .core import CoreReward, RewardBatch, RewardCore, StepCache
