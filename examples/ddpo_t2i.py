@@ -56,17 +56,16 @@ TINY_DEFAULTS = {"epochs": 300, "sample_steps": 4, "batch_size": 32, "batches_pe
                  "clip_range": 0.2, "reward_transform": "none"}
 
 
-def add_common_arguments(p: argparse.ArgumentParser, defaults: dict, tiny_defaults: dict) -> None:
-    """The options the DDPO and AlignProp examples share (``defaults`` fill the ``None`` ones)."""
-
-    def dflt(key):
-        return f"default {defaults[key]}; --tiny {tiny_defaults[key]}"
-
+def add_model_arguments(p: argparse.ArgumentParser, policy: str = "random") -> None:
+    """The options of every text-to-image example: the offline world (``--tiny``; ``policy``: its
+    default tiny SD), or the diffusion model and the MULTI-TAP reward's settings."""
     p.add_argument("--tiny", action="store_true",
                    help="offline colour world: tiny SD pipeline, a judge trained here, oracle before/after")
     p.add_argument("--cache-dir", default=None,
                    help="--tiny: build (or reuse) the tiny SD pipeline and judge here (default: a temp dir)")
     p.add_argument("--world-seed", type=int, default=0, help="--tiny: seeds the tiny SD pipeline and the judge")
+    p.add_argument("--policy", default=policy, choices=["random", "pretrained"],
+                   help=f"--tiny: the random tiny SD or one pretrained on captioned colour scenes (default {policy})")
     p.add_argument("--pretrained-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="diffusers Stable Diffusion pipeline (hub id or directory)")
     p.add_argument("--checkpoint", default="brl-xfact/Multi-TAP-Qwen2-VL-2B", help="MULTI-TAP checkpoint")
@@ -75,6 +74,15 @@ def add_common_arguments(p: argparse.ArgumentParser, defaults: dict, tiny_defaul
     p.add_argument("--weights", default=None, help='e.g. "overall=1,clarity=0.5" or a preset name')
     p.add_argument("--normalize", default="none", choices=["none", "fixed", "running"])
     p.add_argument("--gate", action="append", default=[], help='e.g. "safety<0.5:cap=0" (repeatable)')
+
+
+def add_common_arguments(p: argparse.ArgumentParser, defaults: dict, tiny_defaults: dict) -> None:
+    """The options the DDPO and AlignProp examples share (``defaults`` fill the ``None`` ones)."""
+
+    def dflt(key):
+        return f"default {defaults[key]}; --tiny {tiny_defaults[key]}"
+
+    add_model_arguments(p)
     p.add_argument("--prompts", default=None, help="a text file, one prompt per line")
     p.add_argument("--epochs", type=int, default=None, help=dflt("epochs"))
     p.add_argument("--sample-steps", type=int, default=None, help=f"DDIM steps per sample ({dflt('sample_steps')})")
@@ -141,7 +149,8 @@ def tiny_world(args, workdir: Path) -> dict:
     ``--cache-dir`` or under ``workdir``; every build is seeded by ``--world-seed``."""
     from multitap_rl.world import t2i
 
-    return t2i.build_world(Path(args.cache_dir) if args.cache_dir else workdir / "world", seed=args.world_seed)
+    return t2i.build_world(Path(args.cache_dir) if args.cache_dir else workdir / "world", seed=args.world_seed,
+                           policy=args.policy)
 
 
 def _prompts(args) -> list[str]:

@@ -33,8 +33,8 @@ from ..data.shapes import SHAPE_COLORS
 
 __all__ = [
     "COLORS", "EVAL_SEEDS", "HELDOUT_TEMPLATES", "PALETTE", "TRAIN_TEMPLATES", "build_tiny_sd", "build_world",
-    "dominant_colors", "evaluate", "generate", "judge_rows", "oracle", "prompt_color", "prompt_fn", "prompts",
-    "save_curve", "save_grid", "solid_images", "tiny_sd", "train_judge",
+    "dominant_colors", "evaluate", "generate", "judge_rows", "oracle", "pretrain_policy", "prompt_color", "prompt_dependence",
+    "prompt_fn", "prompts", "save_curve", "save_grid", "scene_latents", "solid_images", "tiny_sd", "train_judge",
 ]
 
 COLORS = ("red", "green", "blue", "yellow")
@@ -280,12 +280,91 @@ def train_judge(out_dir: str | Path, seed: int = 0, steps: int = 300, n_train: i
     return summary
 
 
-def build_world(root: str | Path, seed: int = 0) -> dict:
+# -- a pretrained policy: a tiny SD whose samples are colour scenes, whatever the prompt ----------------
+def scene_latents(n: int, generator: torch.Generator, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (n, 4, side, side), and each scene's colour index (n,), that the world's VAE decodes to colour scenes like
+    :func:`judge_rows`' images: a grey-ish smooth background and one palette colour, uniformly
+    drawn, tinting the whole image or a smooth blob (RGB mapped to latents through the
+    pseudo-inverse of ``LATENT_RGB``, plus a little latent noise)."""
+    g = generator
+
+    def smooth(scale):
+        return torch.nn.functional.interpolate(torch.randn(n, 1, scale, scale, generator=g), size=(side, side),
+                                               mode="bilinear", align_corners=False)
+
+    rgb = (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.3 + 0.3 * smooth(3).expand(-1, 3, -1, -1)
+    k = torch.randint(len(COLORS), (n,), generator=g)
+    colour = (PALETTE[k] * 2 - 1)[:, :, None, None]
+    strength = torch.rand(n, 1, 1, 1, generator=g) * 0.5 + 0.5
+    blob = smooth(2)
+    ranked = blob.flatten(1).sort(dim=1).values  # a blob covers 30-100% of the image
+    level = ranked.gather(1, (torch.rand(n, 1, generator=g) * 0.7 * ranked.shape[1]).long())[:, 0]
+    whole = torch.rand(n, generator=g) < 0.4
+    mask = torch.where(whole[:, None, None, None], torch.ones_like(blob), (blob > level[:, None, None, None]).float())
+    rgb = rgb * (1 - strength * mask) + strength * mask * colour
+    z = torch.einsum("bchw,cd->bdhw", rgb.clamp(-1, 1), torch.linalg.pinv(LATENT_RGB))
+    return z + 0.1 * torch.randn(z.shape, generator=g), k
+
+
+def pretrain_policy(sd_dir: str | Path, out_dir: str | Path, seed: int = 0, steps: int = 1500, batch: int = 64,
+                    lr: float = 1e-3, caption_match: float = 1.0) -> Path:
+    """Train the tiny SD's UNet as a denoiser (DDPM noise-prediction MSE) on :func:`scene_latents`
+    captioned with a training template naming the scene's colour with probability ``caption_match``
+    and a uniformly drawn colour otherwise (10% of captions empty), so that, as a pretrained
+    text-to-image model's, its samples vary in content and follow the prompt only partly (not at
+    all at ``caption_match=0``; at the default 1.0 and 1500 steps, the held-out oracle of 4-step
+    samples is about 0.48, chance 0.25). Written to ``out_dir`` (reused when ``model_index.json``
+    is there)."""
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out_dir)
+    if (out / "model_index.json").is_file():
+        return out
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd_dir), safety_checker=None, requires_safety_checker=False)
+    unet, scheduler = pipe.unet, pipe.scheduler
+    captions = [""] + [p for p, _ in prompts(TRAIN_TEMPLATES)]  # template-major: colour = (i - 1) % 4
+    with torch.no_grad():
+        emb = pipe.encode_prompt(captions, "cpu", 1, False)[0]
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (1 - s / steps))
+    side = unet.config.sample_size
+    T = scheduler.config.num_train_timesteps
+    unet.train()
+    for _ in range(steps):
+        z, k = scene_latents(batch, g, side)
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(T, (batch,), generator=g)
+        named = torch.where(torch.rand(batch, generator=g) < caption_match, k, torch.randint(len(COLORS), (batch,), generator=g))
+        template = torch.randint(len(TRAIN_TEMPLATES), (batch,), generator=g)
+        cap = torch.where(torch.rand(batch, generator=g) < 0.1, 0, 1 + template * len(COLORS) + named)
+        pred = unet(scheduler.add_noise(z, noise, t), t, encoder_hidden_states=emb[cap]).sample
+        loss = ((pred - noise) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    unet.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "pretrain.json").write_text(json.dumps({"steps": steps, "batch": batch, "lr": lr, "seed": seed,
+                                                   "caption_match": caption_match,
+                                                   "final_loss": float(loss.detach())}))
+    return out
+
+
+def build_world(root: str | Path, seed: int = 0, policy: str = "random") -> dict:
     """The tiny SD pipeline and the judge under ``root`` (``sd-s{seed}``, ``judge-s{seed}``; each
-    reused when present): ``{"sd": dir, "judge": checkpoint dir, "judge_summary": ..., "seconds": ...}``."""
+    reused when present): ``{"sd": dir, "judge": checkpoint dir, "judge_summary": ..., "seconds": ...}``.
+    ``policy="pretrained"``: ``"sd"`` is :func:`pretrain_policy`'s pipeline (``sd-pretrained-s{seed}``)."""
+    if policy not in ("random", "pretrained"):
+        raise ValueError(f"policy must be 'random' or 'pretrained', got {policy!r}")
     root = Path(root)
     t0 = time.perf_counter()
     sd = build_tiny_sd(root / f"sd-s{seed}", seed=seed)
+    if policy == "pretrained":
+        sd = pretrain_policy(sd, root / f"sd-pretrained-s{seed}", seed=seed)
     t1 = time.perf_counter()
     judge = train_judge(root / f"judge-s{seed}", seed=seed)
     t2 = time.perf_counter()
@@ -321,6 +400,28 @@ def evaluate(sd_pipe, *, steps: int, guidance: float, eta: float = 1.0, template
     res = oracle(images, colors)
     res.update(images=images, prompts=[p for p, _ in items], colors=colors)
     return res
+
+
+@torch.no_grad()
+def prompt_dependence(sd_pipe, *, steps: int, guidance: float, eta: float = 1.0, templates=HELDOUT_TEMPLATES[:4],
+                      seeds=EVAL_SEEDS) -> float:
+    """The share of the samples' mean-colour variance that the colour word explains when all else is
+    held fixed: each template is sampled with the four colours from the same random draws (one seed
+    for all four), and the variance across the four is compared with the variance over everything.
+    0: the policy ignores the colour in the prompt; 1: only the colour word sets the colour."""
+    was_training = sd_pipe.unet.training
+    sd_pipe.unet.eval()
+    cells = []
+    for s in seeds:
+        for t in templates:
+            res = sd_pipe([t.format(c=c) for c in COLORS], num_inference_steps=steps, guidance_scale=guidance, eta=eta,
+                          generator=[torch.Generator().manual_seed(s) for _ in COLORS], output_type="pt")
+            cells.append(res.images.float().cpu().mean(dim=(2, 3)))  # (4 colours, RGB)
+    sd_pipe.unet.train(was_training)
+    rgb = torch.stack(cells)  # (cells, 4, 3)
+    total = ((rgb - rgb.mean(dim=(0, 1))) ** 2).sum(-1).mean()
+    across = ((rgb - rgb.mean(1, keepdim=True)) ** 2).sum(-1).mean()
+    return float(across / total) if total > 0 else 0.0
 
 
 # -- plots (matplotlib, imported lazily) --------------------------------------------------------------
