@@ -153,7 +153,8 @@ def tiny_world(args, workdir: Path) -> dict:
                            policy=args.policy)
 
 
-def _prompts(args) -> list[str]:
+def read_prompts(args) -> list[str]:
+    """``--prompts``' lines (non-empty), or the default prompts."""
     if args.prompts:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
         if not prompts:
@@ -203,7 +204,7 @@ def prepare(args, workdir: Path, make_reward, reward_fn=None, log: logging.Logge
 
         prompt_fn = t2i.prompt_fn(args.seed)
     else:
-        prompts = _prompts(args)
+        prompts = read_prompts(args)
         rng = random.Random(args.seed)
 
         def prompt_fn():

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ddpo_t2i import add_model_arguments, tiny_world, windowed, write_report  # noqa: E402
+from ddpo_t2i import add_model_arguments, read_prompts, tiny_world, windowed, write_report  # noqa: E402
 
 logger = logging.getLogger("grpo_t2i")
 
@@ -251,8 +251,7 @@ def colour_diagnostics(images: torch.Tensor, prompts: list[str], rewards: np.nda
     try:
         from multitap_rl.world import t2i
 
-        share = (t2i._pixel_labels(images, t2i.STRICT_PALETTE)
-                 == torch.tensor([t2i.COLORS.index(t2i.prompt_color(p)) for p in prompts])[:, None]).float().mean(1)
+        share = t2i.colour_share(images, [t2i.prompt_color(p) for p in prompts])
         s = share.numpy().reshape(-1, group_size)
         # Does the reward rank a group's samples by how much of the prompt's colour they show?
         rs = [np.corrcoef(a, b)[0, 1] for a, b in zip(r, s) if a.std() > 0 and b.std() > 0]
@@ -265,16 +264,13 @@ def colour_diagnostics(images: torch.Tensor, prompts: list[str], rewards: np.nda
 
 # -- the loop --------------------------------------------------------------------------------------
 def _prompt_list(args) -> list[str]:
-    if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"{args.prompts}: no prompts")
-        return prompts
-    if args.tiny:
+    if args.tiny and not args.prompts:
         from multitap_rl.world import t2i
 
         return [p for p, _ in t2i.prompts(t2i.TRAIN_TEMPLATES)]
-    raise ValueError("give --prompts (a text file, one prompt per line) or --tiny")
+    if not args.prompts:
+        raise ValueError("give --prompts (a text file, one prompt per line) or --tiny")
+    return read_prompts(args)
 
 
 def load_policy(args, sd_model: str, device: str):
@@ -353,8 +349,8 @@ def run(args, workdir: str | Path | None = None, reward_fn=None) -> dict:
             if not np.isfinite(rewards).all():
                 raise ValueError(f"epoch {epoch}: the reward returned non-finite values: {rewards}")
             # 3. Per-group advantages, then PPO-clipped updates over shuffled minibatches.
-            adv = torch.as_tensor(group_advantages(rewards, args.group_size, args.adv_clip, args.adv_scale), dtype=torch.float32,
-                                  device=device)
+            adv = group_advantages(rewards, args.group_size, args.adv_clip, args.adv_scale)
+            adv = torch.as_tensor(adv, dtype=torch.float32, device=device)
             pipe.unet.train()
             stats = {}
             for _ in range(args.inner_epochs):

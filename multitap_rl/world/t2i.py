@@ -33,8 +33,9 @@ from ..data.shapes import SHAPE_COLORS
 
 __all__ = [
     "COLORS", "EVAL_SEEDS", "HELDOUT_TEMPLATES", "PALETTE", "TRAIN_TEMPLATES", "build_tiny_sd", "build_world",
-    "dominant_colors", "evaluate", "generate", "judge_rows", "oracle", "pretrain_policy", "prompt_color", "prompt_dependence",
-    "prompt_fn", "prompts", "save_curve", "save_grid", "scene_latents", "solid_images", "tiny_sd", "train_judge",
+    "colour_share", "dominant_colors", "evaluate", "generate", "judge_rows", "oracle", "pretrain_policy",
+    "prompt_color", "prompt_dependence", "prompt_fn", "prompts", "save_curve", "save_grid", "scene_latents",
+    "solid_images", "tiny_sd", "train_judge",
 ]
 
 COLORS = ("red", "green", "blue", "yellow")
@@ -116,11 +117,16 @@ def oracle(images: torch.Tensor, colors: list[str]) -> dict:
         raise ValueError(f"{images.shape[0]} images, {len(colors)} colours")
     dom = dominant_colors(images)
     strict = dominant_colors(images, strict=True)
-    idx = torch.tensor([COLORS.index(c) for c in colors])
-    share = (_pixel_labels(images, STRICT_PALETTE) == idx[:, None]).float().mean(1)
+    share = colour_share(images, colors)
     return {"accuracy": float(np.mean([d == c for d, c in zip(dom, colors)])),
             "strict": float(np.mean([d == c for d, c in zip(strict, colors)])),
             "share": float(share.mean()), "dominant": dom}
+
+
+def colour_share(images: torch.Tensor, colors: list[str]) -> torch.Tensor:
+    """(B,): each image's fraction of pixels whose nearest strict-palette colour is its own colour."""
+    idx = torch.tensor([COLORS.index(c) for c in colors])
+    return (_pixel_labels(images, STRICT_PALETTE) == idx[:, None]).float().mean(1)
 
 
 def solid_images(n_per_color: int, seed: int, size: int = 32, noise: float = 0.05) -> tuple[torch.Tensor, list[str]]:
@@ -282,9 +288,9 @@ def train_judge(out_dir: str | Path, seed: int = 0, steps: int = 300, n_train: i
 
 # -- a pretrained policy: a tiny SD whose samples are colour scenes, whatever the prompt ----------------
 def scene_latents(n: int, generator: torch.Generator, side: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents (n, 4, side, side), and each scene's colour index (n,), that the world's VAE decodes to colour scenes like
-    :func:`judge_rows`' images: a grey-ish smooth background and one palette colour, uniformly
-    drawn, tinting the whole image or a smooth blob (RGB mapped to latents through the
+    """Latents (n, 4, side, side), and each scene's colour index (n,), that the world's VAE decodes
+    to colour scenes like :func:`judge_rows`' images: a grey-ish smooth background and one palette
+    colour, uniformly drawn, tinting the whole image or a smooth blob (RGB mapped to latents through the
     pseudo-inverse of ``LATENT_RGB``, plus a little latent noise)."""
     g = generator
 
@@ -336,7 +342,8 @@ def pretrain_policy(sd_dir: str | Path, out_dir: str | Path, seed: int = 0, step
         z, k = scene_latents(batch, g, side)
         noise = torch.randn(z.shape, generator=g)
         t = torch.randint(T, (batch,), generator=g)
-        named = torch.where(torch.rand(batch, generator=g) < caption_match, k, torch.randint(len(COLORS), (batch,), generator=g))
+        drawn = torch.randint(len(COLORS), (batch,), generator=g)
+        named = torch.where(torch.rand(batch, generator=g) < caption_match, k, drawn)
         template = torch.randint(len(TRAIN_TEMPLATES), (batch,), generator=g)
         cap = torch.where(torch.rand(batch, generator=g) < 0.1, 0, 1 + template * len(COLORS) + named)
         pred = unet(scheduler.add_noise(z, noise, t), t, encoder_hidden_states=emb[cap]).sample
