@@ -5,11 +5,30 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if "TORCH_EXTENSIONS_DIR" not in os.environ:
+    # DeepSpeed JIT-compiles a CPU op (shared-memory all-reduce) when it initialises torch.distributed.
+    # torch guards each build with a lock file in this directory; a build killed mid-way leaves that
+    # file behind, and every later build in the same directory waits on it forever. A directory of
+    # this run's own (inherited by the processes the tests launch) cannot hold another run's lock.
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="multitap-torch-ext-")
+    atexit.register(shutil.rmtree, os.environ["TORCH_EXTENSIONS_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that hangs fails with every thread's stack after pytest-timeout's limit (pyproject:
+    20 minutes; slow tests, which launch multi-process runs with their own timeouts, get 40)."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(2400))
 
 
 @pytest.fixture(scope="session")
