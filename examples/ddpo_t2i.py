@@ -270,6 +270,7 @@ def write_report(args, out_dir: Path, name: str, before: dict, after: dict, rewa
         "reward": windowed(means),  # means over the first / last tenth of the calls
         "oracle_strict": {"before": before["strict"], "after": after["strict"]},
         "prompt_colour_pixel_share": {"before": before["share"], "after": after["share"]},
+        "confusion": {"before": before["confusion"], "after": after["confusion"]},  # prompt -> dominant colour
         "n_eval": len(after["colors"]),
         "reward_calls": len(means),
         "method": name,

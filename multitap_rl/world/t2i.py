@@ -112,7 +112,9 @@ def dominant_colors(images: torch.Tensor, strict: bool = False) -> list[str]:
 def oracle(images: torch.Tensor, colors: list[str]) -> dict:
     """``accuracy``: fraction of images whose dominant colour over the four palette colours is the
     prompt's colour (the reported oracle); ``strict``: the same with grey/white/black added;
-    ``share``: mean fraction of pixels whose nearest strict-palette colour is the prompt's."""
+    ``share``: mean fraction of pixels whose nearest strict-palette colour is the prompt's;
+    ``confusion``: ``{prompt colour: {dominant colour: images}}`` (which colours a policy collapses
+    onto which)."""
     if len(colors) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images, {len(colors)} colours")
     dom = dominant_colors(images)
@@ -120,7 +122,9 @@ def oracle(images: torch.Tensor, colors: list[str]) -> dict:
     share = colour_share(images, colors)
     return {"accuracy": float(np.mean([d == c for d, c in zip(dom, colors)])),
             "strict": float(np.mean([d == c for d, c in zip(strict, colors)])),
-            "share": float(share.mean()), "dominant": dom}
+            "share": float(share.mean()), "dominant": dom,
+            "confusion": {c: {d: sum(1 for x, y in zip(colors, dom) if (x, y) == (c, d)) for d in COLORS}
+                          for c in COLORS}}
 
 
 def colour_share(images: torch.Tensor, colors: list[str]) -> torch.Tensor:
