@@ -26,7 +26,7 @@ def test_oracle_counts_the_dominant_pixel_colour():
     assert res["confusion"] == {c: {d: 3 * (c == d) for d in t2i.COLORS} for c in t2i.COLORS}
     off = t2i.oracle(images, shifted)
     assert off["accuracy"] == 0.0
-    assert off["confusion"]["red"] == {"red": 0, "green": 0, "blue": 0, "yellow": 3}  # red images under "yellow"
+    assert off["confusion"]["red"] == {"red": 0, "green": 0, "blue": 0, "yellow": 3}  # yellow images named "red"
     # half the image red, a third blue, the rest grey: red dominates; grey images count as grey only when strict
     mixed = torch.full((1, 3, 6, 6), 0.5)
     mixed[0, :, :3] = t2i.PALETTE[0].view(3, 1, 1)
@@ -88,7 +88,7 @@ def test_tiny_run_writes_the_report_and_plots(tmp_path, world_dir, name, extra):
     assert report["n_eval"] == 64 and report["reward_calls"] == 2
     for k in ("before", "after"):  # prompt colour -> dominant colour: the diagonal is the oracle
         cm = report["confusion"][k]
-        assert sum(map(sum, (r.values() for r in cm.values()))) == 64
+        assert sum(n for row in cm.values() for n in row.values()) == 64
         assert sum(cm[c][c] for c in cm) / 64 == report["oracle"][k]
     assert report["reward"]["window"] == 1  # a tenth of 2 calls, at least one
     assert report["reward"]["first"] == summary["reward_means"][0]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -120,11 +121,11 @@ def oracle(images: torch.Tensor, colors: list[str]) -> dict:
     dom = dominant_colors(images)
     strict = dominant_colors(images, strict=True)
     share = colour_share(images, colors)
+    pairs = Counter(zip(colors, dom))
     return {"accuracy": float(np.mean([d == c for d, c in zip(dom, colors)])),
             "strict": float(np.mean([d == c for d, c in zip(strict, colors)])),
             "share": float(share.mean()), "dominant": dom,
-            "confusion": {c: {d: sum(1 for x, y in zip(colors, dom) if (x, y) == (c, d)) for d in COLORS}
-                          for c in COLORS}}
+            "confusion": {c: {d: pairs[c, d] for d in COLORS} for c in COLORS}}
 
 
 def colour_share(images: torch.Tensor, colors: list[str]) -> torch.Tensor:
